@@ -1,0 +1,35 @@
+# Two entry points on a fresh machine: `make demo` and `make test`. Each creates .venv itself.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= bonewatch-data
+export BONEWATCH_DATA_DIR := $(DATA_DIR)
+
+.PHONY: demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/bonewatch synth $(DATA_DIR)/inbox --studies 20 --format both --seed 2026
+	$(BIN)/bonewatch process $(DATA_DIR)/inbox
+	$(BIN)/bonewatch results
+	$(BIN)/bonewatch results --level study
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-test
+	$(BIN)/python -m ruff check ingest models db worker tests
+
+clean:
+	rm -rf $(VENV) $(DATA_DIR) .pytest_cache

@@ -1,0 +1,48 @@
+"""The ledger: SQLAlchemy schema, Alembic migrations, and reading and writing results.
+
+``db`` imports nothing else from bonewatch and takes and returns plain values.
+"""
+
+from db.engine import current_revision, make_engine, upgrade
+from db.ledger import (
+    ClaimedImage,
+    FailureRecord,
+    NewImage,
+    PredictionRecord,
+    Registered,
+    claim_batch,
+    claim_images,
+    count_by_status,
+    query_results,
+    query_studies,
+    queued_ids,
+    reclaim_expired,
+    record_results,
+    register_images,
+    release_for_retry,
+)
+from db.schema import FINAL_STATUSES, QUEUES, STATUSES
+
+__all__ = [
+    "FINAL_STATUSES",
+    "QUEUES",
+    "STATUSES",
+    "ClaimedImage",
+    "FailureRecord",
+    "NewImage",
+    "PredictionRecord",
+    "Registered",
+    "claim_batch",
+    "claim_images",
+    "count_by_status",
+    "current_revision",
+    "make_engine",
+    "query_results",
+    "query_studies",
+    "queued_ids",
+    "reclaim_expired",
+    "record_results",
+    "register_images",
+    "release_for_retry",
+    "upgrade",
+]

@@ -1,0 +1,123 @@
+"""Engines for the ledger, and its Alembic migrations run programmatically.
+
+SQLite (embedded mode) is tuned for one machine with several threads or processes: WAL journal,
+30 s busy timeout, foreign keys on, ``synchronous=NORMAL``. SQLAlchemy takes over ``BEGIN`` from
+the sqlite3 driver so that transactions that write can start with ``BEGIN IMMEDIATE``: they take
+the write lock up front instead of failing to upgrade a read snapshot half-way through.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+logger = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Execution option read by the begin hook: this transaction will write.
+_WRITE_OPTION = "bonewatch_write"
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL, or None for in-memory databases."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy emit BEGIN itself (see the begin hook) rather than the driver's legacy mode.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+def _on_sqlite_begin(conn: Connection) -> None:
+    if conn.get_execution_options().get(_WRITE_OPTION):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        conn.exec_driver_sql("BEGIN")
+
+
+def make_engine(url: str) -> Engine:
+    """Build an Engine for a ledger URL (``sqlite:///...`` or ``postgresql+psycopg://...``).
+
+    For a SQLite file the parent directory is created and the connection pragmas are set on every
+    new connection.
+
+    Returns:
+        A configured Engine; the caller disposes of it.
+    """
+    sa_url = make_url(url)
+    if sa_url.get_backend_name() == "sqlite":
+        db_file = _sqlite_file(url)
+        if db_file is not None:
+            db_file.parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(sa_url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        event.listen(engine, "connect", _on_sqlite_connect)
+        event.listen(engine, "begin", _on_sqlite_begin)
+        return engine
+    # Long-lived workers outlive server restarts and idle timeouts; check connections on checkout.
+    return create_engine(sa_url, pool_pre_ping=True)
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """One transaction that will write: ``BEGIN IMMEDIATE`` on SQLite, a plain one elsewhere.
+
+    Commits on success and rolls back on error.
+    """
+    with engine.connect() as conn:
+        conn.execution_options(**{_WRITE_OPTION: True})
+        with conn.begin():
+            yield conn
+
+
+def alembic_config(connection: Connection | None = None) -> Any:
+    """An Alembic Config for the ledger's migrations, optionally bound to an open connection."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Run the Alembic migrations on ``url`` up to ``revision`` (``head`` by default)."""
+    from alembic import command
+
+    engine = make_engine(url)
+    try:
+        with write_transaction(engine) as conn:
+            command.upgrade(alembic_config(conn), revision)
+    finally:
+        engine.dispose()
+    logger.info("database %s upgraded to %s", make_url(url).render_as_string(), revision)
+
+
+def current_revision(url: str) -> str | None:
+    """The Alembic revision the database at ``url`` is at, or None when it was never migrated."""
+    from alembic.runtime.migration import MigrationContext
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()

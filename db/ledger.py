@@ -1,0 +1,985 @@
+"""Writing to and reading from the ledger: registration, claiming, results and queries.
+
+Each public function is one transaction on the given Engine and takes and returns plain frozen
+dataclasses or dicts, so callers never see SQLAlchemy objects. The code runs unchanged on SQLite
+and PostgreSQL; where they differ (insert-or-ignore, row locking) the dialect is looked up here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Insert,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    case,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+from db.engine import write_transaction
+from db.schema import STATUSES, fingerprints, images, study_results, utcnow
+from db.schema import predictions as prediction_table
+
+logger = logging.getLogger(__name__)
+
+# Keeps IN lists and multi-row statements well under SQLite's bound-parameter limit.
+_CHUNK = 500
+# Claim order: the watched folder ("live") goes before archive backfills ("bulk").
+_QUEUE_RANK = case((images.c.queue == "live", 0), else_=1)
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """A file (or frame) seen by ingest, to be registered in the ledger.
+
+    ``status`` is ``queued`` unless the header already showed the file to be ``failed`` or
+    ``unsupported``, in which case ``error_class`` and ``reason`` say why.
+    """
+
+    path: str
+    sha256: str | None
+    size_bytes: int | None
+    format: str | None
+    queue: str = "live"
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_instance_uid: str | None = None
+    sop_class_uid: str | None = None
+    patient_hash: str | None = None
+    modality: str | None = None
+    body_part_examined: str | None = None
+    view_position: str | None = None
+    rows: int | None = None
+    columns: int | None = None
+    mura_part: str | None = None
+    mura_label: int | None = None
+    frame_number: int | None = None
+    status: str = "queued"
+    error_class: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Registered:
+    """Where a registered file stands: its row id, status, original if duplicate, new or not."""
+
+    image_id: int
+    status: str
+    duplicate_of: int | None
+    created: bool
+
+
+@dataclass(frozen=True)
+class ClaimedImage:
+    """An image leased to one worker for processing."""
+
+    image_id: int
+    path: str
+    sha256: str | None
+    attempts: int
+    queue: str
+    study_uid: str | None
+    body_part_examined: str | None
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    """One bundle version's result for one image; ``status`` is ``done`` or ``unsupported``."""
+
+    image_id: int
+    bundle_name: str
+    bundle_version: str
+    status: str
+    reason: str | None
+    body_part_probs: dict[str, float]
+    body_part: str | None
+    body_part_confidence: float | None
+    body_part_examined: str | None
+    body_part_disagrees: bool
+    p_fracture: float | None
+    label: str | None
+    threshold: float | None
+    fracture_model: str | None
+    timings: dict[str, float]
+    heatmap_path: str | None = None
+    rows: int | None = None
+    columns: int | None = None
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """A final, non-retryable outcome for an image: ``failed`` or ``unsupported``."""
+
+    image_id: int
+    status: str
+    error_class: str
+    reason: str
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _chunks(seq: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(seq), size):
+        yield seq[start : start + size]
+
+
+def _insert(conn: Connection, table: Table) -> Any:
+    """An INSERT that supports ``on_conflict_do_nothing`` on this connection's dialect."""
+    name = conn.dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table)
+    if name == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"the ledger supports sqlite and postgresql, not {name}")
+
+
+def _locking(conn: Connection, stmt: Select[Any]) -> Select[Any]:
+    """Lock the selected rows, skipping ones other workers hold (PostgreSQL).
+
+    SQLite has no row locks; there the surrounding ``BEGIN IMMEDIATE`` already serialises
+    writers, which is just as safe for claiming.
+    """
+    if conn.dialect.name == "postgresql":
+        return stmt.with_for_update(skip_locked=True)
+    return stmt
+
+
+def _fingerprint_values(item: NewImage) -> list[tuple[str, str]]:
+    values: list[tuple[str, str]] = []
+    if item.sha256:
+        values.append(("sha256", item.sha256))
+    if item.sop_instance_uid:
+        sop = item.sop_instance_uid
+        if item.frame_number is not None:
+            sop = f"{sop}#{item.frame_number}"
+        values.append(("sop", sop))
+    return values
+
+
+def _check_choice(value: str, allowed: Iterable[str], what: str) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {allowed}, not {value!r}")
+
+
+def _claimed(rows: Iterable[Any]) -> list[ClaimedImage]:
+    out = [
+        ClaimedImage(
+            image_id=r.id,
+            path=r.path,
+            sha256=r.sha256,
+            attempts=r.attempts,
+            queue=r.queue,
+            study_uid=r.study_uid,
+            body_part_examined=r.body_part_examined,
+        )
+        for r in rows
+    ]
+    out.sort(key=_claim_order)
+    return out
+
+
+def _claim_order(c: ClaimedImage) -> tuple[bool, int]:
+    return (c.queue != "live", c.image_id)
+
+
+def _expired(now: datetime) -> Any:
+    return and_(images.c.status == "processing", images.c.lease_expires_at < now)
+
+
+def _claimable(now: datetime) -> Any:
+    return or_(images.c.status == "queued", _expired(now))
+
+
+def _fail_exhausted(conn: Connection, now: datetime, max_attempts: int | None) -> int:
+    """Mark lease-expired rows that used up their attempts as failed; returns how many.
+
+    A file that kills its worker outright (out of memory, a segfault in a decoder) never reaches
+    ``release_for_retry``; without this it would be claimed again forever.
+    """
+    if max_attempts is None:
+        return 0
+    result = conn.execute(
+        update(images)
+        .where(_expired(now), images.c.attempts >= max_attempts)
+        .values(
+            status="failed",
+            error_class="LeaseExpired",
+            reason=f"worker lease expired {max_attempts} times; giving up",
+            lease_expires_at=None,
+            leased_by=None,
+            finished_at=now,
+            updated_at=now,
+        )
+    )
+    if result.rowcount:
+        logger.warning("failed %d images whose lease expired too often", result.rowcount)
+    return result.rowcount
+
+
+def _lease(
+    conn: Connection, ids: Sequence[int], now: datetime, lease_seconds: float, worker_id: str
+) -> list[ClaimedImage]:
+    if not ids:
+        return []
+    rows = conn.execute(
+        update(images)
+        .where(images.c.id.in_(ids))
+        .values(
+            status="processing",
+            attempts=images.c.attempts + 1,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            leased_by=worker_id,
+            updated_at=now,
+        )
+        .returning(
+            images.c.id,
+            images.c.path,
+            images.c.sha256,
+            images.c.attempts,
+            images.c.queue,
+            images.c.study_uid,
+            images.c.body_part_examined,
+        )
+    ).all()
+    return _claimed(rows)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def register_images(engine: Engine, items: Sequence[NewImage]) -> list[Registered]:
+    """Register files in the ledger, idempotently, marking copies as duplicates.
+
+    A file already registered at the same path with the same sha256 keeps its row
+    (``created=False``). A new row whose sha256, or SOPInstanceUID (plus frame), already belongs
+    to another image gets status ``duplicate`` and ``duplicate_of`` that image. Ownership of a
+    fingerprint is decided by a unique key with insert-or-ignore, so concurrent registrants agree.
+
+    Returns:
+        One ``Registered`` per item, in the order given.
+    """
+    for item in items:
+        _check_choice(item.queue, ("live", "bulk"), "queue")
+        _check_choice(item.status, ("queued", "failed", "unsupported"), "registration status")
+    if not items:
+        return []
+    now = utcnow()
+    # Same key twice in one batch is still one row. Inserting in key order means two concurrent
+    # batches take their unique-index locks in the same order and cannot deadlock each other.
+    unique: dict[tuple[str, str | None], NewImage] = {}
+    for item in items:
+        unique.setdefault((item.path, item.sha256), item)
+    ordered = sorted(unique.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))
+
+    with write_transaction(engine) as conn:
+        created_ids: dict[tuple[str, str | None], int] = {}
+        for chunk in _chunks(ordered):
+            rows = [
+                {
+                    "path": item.path,
+                    "sha256": item.sha256,
+                    "size_bytes": item.size_bytes,
+                    "format": item.format,
+                    "frame_number": item.frame_number,
+                    "study_uid": item.study_uid,
+                    "series_uid": item.series_uid,
+                    "sop_instance_uid": item.sop_instance_uid,
+                    "sop_class_uid": item.sop_class_uid,
+                    "patient_hash": item.patient_hash,
+                    "modality": item.modality,
+                    "body_part_examined": item.body_part_examined,
+                    "view_position": item.view_position,
+                    "rows": item.rows,
+                    "columns": item.columns,
+                    "mura_part": item.mura_part,
+                    "mura_label": item.mura_label,
+                    "queue": item.queue,
+                    "status": item.status,
+                    "attempts": 0,
+                    "error_class": item.error_class,
+                    "reason": item.reason,
+                    "created_at": now,
+                    "updated_at": now,
+                    "finished_at": now if item.status != "queued" else None,
+                }
+                for _key, item in chunk
+            ]
+            stmt: Insert = _insert(conn, images).on_conflict_do_nothing()
+            for row in conn.execute(
+                stmt.returning(images.c.id, images.c.path, images.c.sha256), rows
+            ):
+                created_ids[(row.path, row.sha256)] = row.id
+
+        _mark_duplicates(conn, unique, created_ids, now)
+
+        # Read every row back (new and old) for its final status.
+        by_key: dict[tuple[str, str | None], Any] = {}
+        paths = sorted({key[0] for key in unique})
+        for chunk in _chunks(paths):
+            for row in conn.execute(
+                select(
+                    images.c.id,
+                    images.c.path,
+                    images.c.sha256,
+                    images.c.status,
+                    images.c.duplicate_of,
+                ).where(images.c.path.in_(chunk))
+            ):
+                by_key[(row.path, row.sha256)] = row
+
+    result: list[Registered] = []
+    for item in items:
+        key = (item.path, item.sha256)
+        row = by_key[key]
+        result.append(
+            Registered(
+                image_id=row.id,
+                status=row.status,
+                duplicate_of=row.duplicate_of,
+                created=key in created_ids,
+            )
+        )
+    n_new = len(created_ids)
+    n_dup = sum(1 for r in result if r.created and r.status == "duplicate")
+    logger.debug("registered %d items: %d new, %d duplicates", len(items), n_new, n_dup)
+    return result
+
+
+def _mark_duplicates(
+    conn: Connection,
+    unique: dict[tuple[str, str | None], NewImage],
+    created_ids: dict[tuple[str, str | None], int],
+    now: datetime,
+) -> None:
+    """Claim fingerprints for new rows; rows whose fingerprint another image owns are duplicates."""
+    if not created_ids:
+        return
+    wanted: dict[tuple[str, str], int] = {}
+    # Lowest id first, so within one batch the first-inserted row owns the fingerprint.
+    for key, image_id in sorted(created_ids.items(), key=lambda kv: kv[1]):
+        for fp in _fingerprint_values(unique[key]):
+            wanted.setdefault(fp, image_id)
+    if not wanted:
+        return
+    fp_rows = [
+        {"kind": kind, "value": value, "image_id": image_id}
+        for (kind, value), image_id in sorted(wanted.items())
+    ]
+    for chunk in _chunks(fp_rows):
+        conn.execute(_insert(conn, fingerprints).on_conflict_do_nothing(), list(chunk))
+
+    owners: dict[tuple[str, str], tuple[int, int | None]] = {}
+    for kind in ("sha256", "sop"):
+        values = sorted(v for k, v in wanted if k == kind)
+        for chunk in _chunks(values):
+            rows = conn.execute(
+                select(fingerprints.c.value, fingerprints.c.image_id, images.c.duplicate_of)
+                .join(images, images.c.id == fingerprints.c.image_id)
+                .where(fingerprints.c.kind == kind, fingerprints.c.value.in_(chunk))
+            )
+            for row in rows:
+                owners[(kind, row.value)] = (row.image_id, row.duplicate_of)
+
+    updates: list[dict[str, Any]] = []
+    for key, image_id in created_ids.items():
+        # A byte-identical copy is the stronger evidence, so sha256 is checked before SOP.
+        for fp in _fingerprint_values(unique[key]):
+            owner, owner_original = owners[fp]
+            if owner != image_id:
+                updates.append(
+                    {
+                        "b_id": image_id,
+                        # Point at the original, not at another duplicate.
+                        "b_original": owner_original or owner,
+                        "b_reason": f"same {fp[0]} as image {owner_original or owner}",
+                    }
+                )
+                break
+    if updates:
+        conn.execute(
+            update(images)
+            .where(images.c.id == bindparam("b_id"))
+            .values(
+                status="duplicate",
+                duplicate_of=bindparam("b_original"),
+                reason=bindparam("b_reason"),
+                finished_at=now,
+                updated_at=now,
+            ),
+            updates,
+        )
+
+
+# --------------------------------------------------------------------------- claiming
+
+
+def claim_batch(
+    engine: Engine,
+    *,
+    limit: int,
+    lease_seconds: float,
+    worker_id: str,
+    queues: Sequence[str] | None = None,
+    max_attempts: int | None = None,
+) -> list[ClaimedImage]:
+    """Lease up to ``limit`` images to ``worker_id`` for ``lease_seconds``.
+
+    Takes ``queued`` rows and ``processing`` rows whose lease has expired, ``live`` before
+    ``bulk`` and then oldest first. Two concurrent callers never get the same row. With
+    ``max_attempts``, expired rows that already had that many attempts are marked ``failed``
+    instead of being claimed again.
+
+    Returns:
+        The claimed images, ``live`` first, then by id; attempts already counts this claim.
+    """
+    if limit <= 0:
+        return []
+    now = utcnow()
+    with write_transaction(engine) as conn:
+        _fail_exhausted(conn, now, max_attempts)
+        stmt = (
+            select(images.c.id)
+            .where(_claimable(now))
+            .order_by(_QUEUE_RANK, images.c.id)
+            .limit(limit)
+        )
+        if queues is not None:
+            stmt = stmt.where(images.c.queue.in_(list(queues)))
+        ids = list(conn.scalars(_locking(conn, stmt)))
+        claimed = _lease(conn, ids, now, lease_seconds, worker_id)
+    if claimed:
+        logger.debug("%s claimed %d images", worker_id, len(claimed))
+    return claimed
+
+
+def claim_images(
+    engine: Engine,
+    image_ids: Sequence[int],
+    *,
+    lease_seconds: float,
+    worker_id: str,
+    max_attempts: int | None = None,
+) -> list[ClaimedImage]:
+    """Lease the given images, but only those that are ``queued`` or whose lease expired.
+
+    For tasks that carry ids: a replayed message for an image that is done, or that another
+    worker holds, claims nothing. ``max_attempts`` works as in :func:`claim_batch`.
+
+    Returns:
+        The images actually claimed (possibly none).
+    """
+    if not image_ids:
+        return []
+    now = utcnow()
+    with write_transaction(engine) as conn:
+        _fail_exhausted(conn, now, max_attempts)
+        ids: list[int] = []
+        for chunk in _chunks(sorted(set(image_ids))):
+            stmt = (
+                select(images.c.id)
+                .where(images.c.id.in_(chunk), _claimable(now))
+                .order_by(images.c.id)
+            )
+            ids.extend(conn.scalars(_locking(conn, stmt)))
+        claimed: list[ClaimedImage] = []
+        for chunk in _chunks(ids):
+            claimed.extend(_lease(conn, chunk, now, lease_seconds, worker_id))
+    claimed.sort(key=_claim_order)
+    return claimed
+
+
+# --------------------------------------------------------------------------- results
+
+
+def record_results(
+    engine: Engine,
+    predictions: Sequence[PredictionRecord],
+    failures: Sequence[FailureRecord] = (),
+) -> None:
+    """Store predictions and final failures, and refresh the touched studies' results.
+
+    A prediction already stored for the same (image, bundle, version) is left as it is, so a
+    replayed message never doubles a row. Each image gets its final status and reason, its lease
+    is cleared, and ``study_results`` is recomputed for every study that got a prediction.
+    """
+    for p in predictions:
+        _check_choice(p.status, ("done", "unsupported"), "prediction status")
+    for f in failures:
+        _check_choice(f.status, ("failed", "unsupported"), "failure status")
+    if not predictions and not failures:
+        return
+    now = utcnow()
+    with write_transaction(engine) as conn:
+        if predictions:
+            rows = [
+                {
+                    "image_id": p.image_id,
+                    "bundle_name": p.bundle_name,
+                    "bundle_version": p.bundle_version,
+                    "body_part_probs": dict(p.body_part_probs),
+                    "body_part": p.body_part,
+                    "body_part_confidence": p.body_part_confidence,
+                    "body_part_examined": p.body_part_examined,
+                    "body_part_disagrees": p.body_part_disagrees,
+                    "p_fracture": p.p_fracture,
+                    "label": p.label,
+                    "threshold": p.threshold,
+                    "fracture_model": p.fracture_model,
+                    "timings": dict(p.timings),
+                    "heatmap_path": p.heatmap_path,
+                    "created_at": now,
+                }
+                for p in sorted(
+                    predictions, key=lambda p: (p.image_id, p.bundle_name, p.bundle_version)
+                )
+            ]
+            for chunk in _chunks(rows):
+                conn.execute(
+                    _insert(conn, prediction_table).on_conflict_do_nothing(
+                        index_elements=["image_id", "bundle_name", "bundle_version"]
+                    ),
+                    list(chunk),
+                )
+            conn.execute(
+                update(images)
+                .where(images.c.id == bindparam("b_id"))
+                .values(
+                    status=bindparam("b_status"),
+                    reason=bindparam("b_reason"),
+                    error_class=None,
+                    rows=func.coalesce(bindparam("b_rows"), images.c.rows),
+                    columns=func.coalesce(bindparam("b_columns"), images.c.columns),
+                    lease_expires_at=None,
+                    leased_by=None,
+                    finished_at=now,
+                    updated_at=now,
+                ),
+                [
+                    {
+                        "b_id": p.image_id,
+                        "b_status": p.status,
+                        "b_reason": p.reason,
+                        "b_rows": p.rows,
+                        "b_columns": p.columns,
+                    }
+                    for p in predictions
+                ],
+            )
+        if failures:
+            conn.execute(
+                update(images)
+                .where(images.c.id == bindparam("b_id"))
+                .values(
+                    status=bindparam("b_status"),
+                    error_class=bindparam("b_error_class"),
+                    reason=bindparam("b_reason"),
+                    lease_expires_at=None,
+                    leased_by=None,
+                    finished_at=now,
+                    updated_at=now,
+                ),
+                [
+                    {
+                        "b_id": f.image_id,
+                        "b_status": f.status,
+                        "b_error_class": f.error_class,
+                        "b_reason": f.reason,
+                    }
+                    for f in failures
+                ],
+            )
+        if predictions:
+            image_ids = sorted({p.image_id for p in predictions})
+            studies: set[str] = set()
+            for chunk in _chunks(image_ids):
+                studies.update(
+                    conn.scalars(
+                        select(images.c.study_uid)
+                        .where(images.c.id.in_(chunk), images.c.study_uid.is_not(None))
+                        .distinct()
+                    )
+                )
+            for chunk in _chunks(sorted(studies)):
+                _refresh_studies(conn, chunk, now)
+
+
+def _refresh_studies(conn: Connection, study_uids: Sequence[str], now: datetime) -> None:
+    """Recompute ``study_results`` for these studies, for every bundle version they have.
+
+    Following MURA, a study's score is the mean p(fracture) of its scored images; its part is the
+    part most of them were classified as (ties broken alphabetically); its label compares the
+    mean with the mean of the images' thresholds (the same for images of one part).
+    """
+    study = images.c.study_uid
+    scored = and_(study.in_(study_uids), prediction_table.c.p_fracture.is_not(None))
+    joined = prediction_table.join(images, images.c.id == prediction_table.c.image_id)
+    group = (study, prediction_table.c.bundle_name, prediction_table.c.bundle_version)
+
+    part_rank = (
+        select(
+            study.label("study_uid"),
+            prediction_table.c.bundle_name,
+            prediction_table.c.bundle_version,
+            prediction_table.c.body_part,
+            func.row_number()
+            .over(
+                partition_by=group,
+                order_by=(func.count().desc(), prediction_table.c.body_part),
+            )
+            .label("rank"),
+        )
+        .select_from(joined)
+        .where(scored)
+        .group_by(*group, prediction_table.c.body_part)
+        .subquery("part_rank")
+    )
+    mean_p = func.avg(prediction_table.c.p_fracture)
+    mean_threshold = func.avg(prediction_table.c.threshold)
+    stats = (
+        select(
+            study.label("study_uid"),
+            prediction_table.c.bundle_name,
+            prediction_table.c.bundle_version,
+            func.count(prediction_table.c.p_fracture).label("n_images"),
+            mean_p.label("mean_p_fracture"),
+            mean_threshold.label("threshold"),
+            case(
+                (mean_threshold.is_(None), None),
+                (mean_p >= mean_threshold, "positive"),
+                else_="negative",
+            ).label("label"),
+        )
+        .select_from(joined)
+        .where(scored)
+        .group_by(*group)
+        .subquery("stats")
+    )
+    source = (
+        select(
+            stats.c.study_uid,
+            stats.c.bundle_name,
+            stats.c.bundle_version,
+            part_rank.c.body_part,
+            stats.c.n_images,
+            stats.c.mean_p_fracture,
+            stats.c.threshold,
+            stats.c.label,
+            bindparam("now", now, type_=study_results.c.updated_at.type),
+        )
+        .join(
+            part_rank,
+            and_(
+                part_rank.c.study_uid == stats.c.study_uid,
+                part_rank.c.bundle_name == stats.c.bundle_name,
+                part_rank.c.bundle_version == stats.c.bundle_version,
+                part_rank.c.rank == 1,
+            ),
+        )
+        # SQLite needs a WHERE before ON CONFLICT in INSERT ... SELECT to parse it unambiguously.
+        .where(stats.c.n_images > 0)
+    )
+    cols = [
+        "study_uid",
+        "bundle_name",
+        "bundle_version",
+        "body_part",
+        "n_images",
+        "mean_p_fracture",
+        "threshold",
+        "label",
+        "updated_at",
+    ]
+    stmt = _insert(conn, study_results).from_select(cols, source)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["study_uid", "bundle_name", "bundle_version"],
+        set_={c: stmt.excluded[c] for c in cols[3:]},
+    )
+    conn.execute(stmt)
+
+
+def release_for_retry(
+    engine: Engine,
+    image_ids: Sequence[int],
+    *,
+    error_class: str,
+    reason: str,
+    max_attempts: int,
+) -> None:
+    """Hand images back after a transient failure.
+
+    Images still ``processing`` go back to ``queued`` with the error noted, unless they have had
+    ``max_attempts`` attempts already; those become ``failed`` with the reason. Images in any
+    other state (already finished by a replay, say) are left alone.
+    """
+    if not image_ids:
+        return
+    now = utcnow()
+    ids = sorted(set(image_ids))
+    with write_transaction(engine) as conn:
+        n_failed = n_requeued = 0
+        for chunk in _chunks(ids):
+            mine = and_(images.c.id.in_(chunk), images.c.status == "processing")
+            n_failed += conn.execute(
+                update(images)
+                .where(mine, images.c.attempts >= max_attempts)
+                .values(
+                    status="failed",
+                    error_class=error_class,
+                    reason=f"{reason} (gave up after {max_attempts} attempts)",
+                    lease_expires_at=None,
+                    leased_by=None,
+                    finished_at=now,
+                    updated_at=now,
+                )
+            ).rowcount
+            n_requeued += conn.execute(
+                update(images)
+                .where(mine, images.c.attempts < max_attempts)
+                .values(
+                    status="queued",
+                    error_class=error_class,
+                    reason=reason,
+                    lease_expires_at=None,
+                    leased_by=None,
+                    updated_at=now,
+                )
+            ).rowcount
+    logger.info(
+        "released %d images after %s: %d queued again, %d failed",
+        len(ids),
+        error_class,
+        n_requeued,
+        n_failed,
+    )
+
+
+def reclaim_expired(engine: Engine, *, max_attempts: int | None = None) -> int:
+    """Put ``processing`` images whose lease expired back to ``queued``.
+
+    With ``max_attempts``, those that already had that many attempts are failed instead.
+
+    Returns:
+        How many images were queued again.
+    """
+    now = utcnow()
+    with write_transaction(engine) as conn:
+        _fail_exhausted(conn, now, max_attempts)
+        count = conn.execute(
+            update(images)
+            .where(_expired(now))
+            .values(status="queued", lease_expires_at=None, leased_by=None, updated_at=now)
+        ).rowcount
+    if count:
+        logger.info("reclaimed %d images with expired leases", count)
+    return count
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def queued_ids(
+    engine: Engine, *, queue: str | None = None, limit: int | None = None, after_id: int = 0
+) -> list[int]:
+    """Ids of ``queued`` images above ``after_id``, ascending; for re-publishing lost messages."""
+    stmt = (
+        select(images.c.id)
+        .where(images.c.status == "queued", images.c.id > after_id)
+        .order_by(images.c.id)
+    )
+    if queue is not None:
+        stmt = stmt.where(images.c.queue == queue)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    with engine.connect() as conn:
+        return list(conn.scalars(stmt))
+
+
+def count_by_status(engine: Engine) -> dict[str, int]:
+    """How many images are in each status; every status is a key, zeros included."""
+    counts = dict.fromkeys(STATUSES, 0)
+    with engine.connect() as conn:
+        for status, n in conn.execute(
+            select(images.c.status, func.count()).group_by(images.c.status)
+        ):
+            counts[status] = n
+    return counts
+
+
+def query_results(
+    engine: Engine,
+    *,
+    study: str | None = None,
+    part: str | None = None,
+    label: str | None = None,
+    status: str | None = None,
+    since: datetime | None = None,
+    min_p: float | None = None,
+    max_p: float | None = None,
+    limit: int | None = None,
+) -> list[dict[str, object]]:
+    """One dict per image with its latest prediction (if any), filtered, ordered by image id.
+
+    ``part`` and ``label`` and the score range match the latest prediction; ``status`` and
+    ``since`` (on ``created_at``) match the image. Timestamps come back as ISO 8601 strings.
+    """
+    latest = (
+        select(
+            prediction_table.c.image_id,
+            func.max(prediction_table.c.id).label("prediction_id"),
+        )
+        .group_by(prediction_table.c.image_id)
+        .subquery("latest")
+    )
+    p = prediction_table
+    stmt = (
+        select(
+            images.c.id,
+            images.c.path,
+            images.c.sha256,
+            images.c.status,
+            images.c.reason,
+            images.c.error_class,
+            images.c.queue,
+            images.c.study_uid,
+            images.c.series_uid,
+            images.c.sop_instance_uid,
+            images.c.modality,
+            images.c.mura_part,
+            images.c.mura_label,
+            images.c.duplicate_of,
+            images.c.attempts,
+            images.c.created_at,
+            images.c.finished_at,
+            images.c.body_part_examined.label("image_body_part_examined"),
+            p.c.body_part,
+            p.c.body_part_confidence,
+            p.c.body_part_examined,
+            p.c.body_part_disagrees,
+            p.c.p_fracture,
+            p.c.label,
+            p.c.threshold,
+            p.c.fracture_model,
+            p.c.bundle_name,
+            p.c.bundle_version,
+            p.c.heatmap_path,
+        )
+        .select_from(
+            images.outerjoin(latest, latest.c.image_id == images.c.id).outerjoin(
+                p, p.c.id == latest.c.prediction_id
+            )
+        )
+        .order_by(images.c.id)
+    )
+    if study is not None:
+        stmt = stmt.where(images.c.study_uid == study)
+    if part is not None:
+        stmt = stmt.where(func.upper(p.c.body_part) == part.upper())
+    if label is not None:
+        stmt = stmt.where(p.c.label == label)
+    if status is not None:
+        stmt = stmt.where(images.c.status == status)
+    if since is not None:
+        stmt = stmt.where(images.c.created_at >= since)
+    if min_p is not None:
+        stmt = stmt.where(p.c.p_fracture >= min_p)
+    if max_p is not None:
+        stmt = stmt.where(p.c.p_fracture <= max_p)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    with engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    return [
+        {
+            "id": r.id,
+            "path": r.path,
+            "sha256": r.sha256,
+            "status": r.status,
+            "reason": r.reason,
+            "error_class": r.error_class,
+            "queue": r.queue,
+            "study_uid": r.study_uid,
+            "series_uid": r.series_uid,
+            "sop_instance_uid": r.sop_instance_uid,
+            "modality": r.modality,
+            "mura_part": r.mura_part,
+            "mura_label": r.mura_label,
+            "body_part": r.body_part,
+            "body_part_confidence": r.body_part_confidence,
+            # The model's copy of the header value if it ran, else the registered one.
+            "body_part_examined": (
+                r.body_part_examined
+                if r.bundle_name is not None
+                else r.image_body_part_examined
+            ),
+            "body_part_disagrees": r.body_part_disagrees,
+            "p_fracture": r.p_fracture,
+            "label": r.label,
+            "threshold": r.threshold,
+            "fracture_model": r.fracture_model,
+            "bundle": r.bundle_name,
+            "bundle_version": r.bundle_version,
+            "heatmap_path": r.heatmap_path,
+            "duplicate_of": r.duplicate_of,
+            "attempts": r.attempts,
+            "created_at": _iso(r.created_at),
+            "finished_at": _iso(r.finished_at),
+        }
+        for r in rows
+    ]
+
+
+def query_studies(
+    engine: Engine,
+    *,
+    study: str | None = None,
+    part: str | None = None,
+    label: str | None = None,
+) -> list[dict[str, object]]:
+    """Study-level results (one dict per study and bundle version), ordered by study then bundle.
+
+    Keys: study_uid, bundle, bundle_version, body_part, n_images, mean_p_fracture, threshold,
+    label, updated_at (ISO string).
+    """
+    s = study_results
+    stmt = select(s).order_by(s.c.study_uid, s.c.bundle_name, s.c.bundle_version)
+    if study is not None:
+        stmt = stmt.where(s.c.study_uid == study)
+    if part is not None:
+        stmt = stmt.where(func.upper(s.c.body_part) == part.upper())
+    if label is not None:
+        stmt = stmt.where(s.c.label == label)
+    with engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    return [
+        {
+            "study_uid": r.study_uid,
+            "bundle": r.bundle_name,
+            "bundle_version": r.bundle_version,
+            "body_part": r.body_part,
+            "n_images": r.n_images,
+            "mean_p_fracture": r.mean_p_fracture,
+            "threshold": r.threshold,
+            "label": r.label,
+            "updated_at": _iso(r.updated_at),
+        }
+        for r in rows
+    ]

@@ -1,0 +1,210 @@
+"""The ledger's tables, as SQLAlchemy 2 typed ORM classes.
+
+The same schema runs on SQLite and PostgreSQL, so it sticks to portable types. Timestamps go
+through :class:`UTCDateTime`, which always hands back timezone-aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Every status an image row can hold; "queued" and "processing" are the only non-final ones.
+STATUSES: tuple[str, ...] = ("queued", "processing", "done", "failed", "unsupported", "duplicate")
+FINAL_STATUSES: tuple[str, ...] = ("done", "failed", "unsupported", "duplicate")
+QUEUES: tuple[str, ...] = ("live", "bulk")
+FINGERPRINT_KINDS: tuple[str, ...] = ("sha256", "sop")
+
+# Named constraints keep Alembic migrations stable across dialects.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """The current time as a timezone-aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC and always returned timezone-aware.
+
+    PostgreSQL keeps it as ``timestamptz``. SQLite has no timezone type and returns naive values;
+    they are stored naive-in-UTC so that string comparison still orders them correctly.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r} given to the ledger; pass UTC-aware values")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base holding the ledger's metadata."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: dict[Any, Any] = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON(),
+    }
+
+
+def _in_list(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Image(Base):
+    """One accepted file (or one frame of it) and where it stands in processing."""
+
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    size_bytes: Mapped[int | None] = mapped_column(Integer)
+    format: Mapped[str | None] = mapped_column(String(16))
+    frame_number: Mapped[int | None] = mapped_column(Integer)
+    study_uid: Mapped[str | None] = mapped_column(String(128))
+    series_uid: Mapped[str | None] = mapped_column(String(128))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(128))
+    sop_class_uid: Mapped[str | None] = mapped_column(String(128))
+    patient_hash: Mapped[str | None] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    view_position: Mapped[str | None] = mapped_column(String(16))
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    mura_part: Mapped[str | None] = mapped_column(String(32))
+    mura_label: Mapped[int | None] = mapped_column(Integer)
+    queue: Mapped[str] = mapped_column(String(16), default="live")
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_expires_at: Mapped[datetime | None]
+    leased_by: Mapped[str | None] = mapped_column(String(255))
+    error_class: Mapped[str | None] = mapped_column(String(128))
+    reason: Mapped[str | None] = mapped_column(Text)
+    duplicate_of: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        # Re-registering the same bytes at the same path is a no-op.
+        UniqueConstraint("path", "sha256"),
+        # NULLs are distinct in a unique constraint, so unreadable files (no sha256) need their
+        # own partial index to stay idempotent per path.
+        Index(
+            "uq_images_path_no_sha",
+            "path",
+            unique=True,
+            sqlite_where=text("sha256 IS NULL"),
+            postgresql_where=text("sha256 IS NULL"),
+        ),
+        Index("ix_images_claim", "status", "queue", "id"),
+        Index("ix_images_study_uid", "study_uid"),
+        Index("ix_images_sop_instance_uid", "sop_instance_uid"),
+        Index("ix_images_sha256", "sha256"),
+        CheckConstraint(_in_list("status", STATUSES), name="status"),
+        CheckConstraint(_in_list("queue", QUEUES), name="queue"),
+    )
+
+
+class Fingerprint(Base):
+    """Which image first claimed a content hash or a SOP instance; the key to deduplication."""
+
+    __tablename__ = "fingerprints"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    value: Mapped[str] = mapped_column(String(160), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+
+    __table_args__ = (CheckConstraint(_in_list("kind", FINGERPRINT_KINDS), name="kind"),)
+
+
+class PredictionRow(Base):
+    """What one model bundle version concluded about one image. Never overwritten."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    bundle_name: Mapped[str] = mapped_column(String(128))
+    bundle_version: Mapped[str] = mapped_column(String(64))
+    body_part_probs: Mapped[dict[str, Any]]
+    body_part: Mapped[str | None] = mapped_column(String(32))
+    body_part_confidence: Mapped[float | None] = mapped_column(Float)
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    body_part_disagrees: Mapped[bool] = mapped_column(Boolean, default=False)
+    p_fracture: Mapped[float | None] = mapped_column(Float)
+    label: Mapped[str | None] = mapped_column(String(16))
+    threshold: Mapped[float | None] = mapped_column(Float)
+    fracture_model: Mapped[str | None] = mapped_column(String(255))
+    timings: Mapped[dict[str, Any]]
+    heatmap_path: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("image_id", "bundle_name", "bundle_version"),
+        Index("ix_predictions_bundle", "bundle_name", "bundle_version"),
+    )
+
+
+class StudyResult(Base):
+    """MURA-style study score: the mean image p(fracture) per study and bundle version."""
+
+    __tablename__ = "study_results"
+
+    study_uid: Mapped[str] = mapped_column(String(128), primary_key=True)
+    bundle_name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    bundle_version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    body_part: Mapped[str | None] = mapped_column(String(32))
+    n_images: Mapped[int] = mapped_column(Integer)
+    mean_p_fracture: Mapped[float | None] = mapped_column(Float)
+    threshold: Mapped[float | None] = mapped_column(Float)
+    label: Mapped[str | None] = mapped_column(String(16))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+metadata = Base.metadata
+images = Image.__table__
+fingerprints = Fingerprint.__table__
+predictions = PredictionRow.__table__
+study_results = StudyResult.__table__

@@ -1,0 +1,58 @@
+"""Ingest: turning image files (DICOM, PNG, JPEG) into ``DecodedImage`` values, and back.
+
+Imports nothing else from bonewatch. ``ingest.dicom`` is the only module that imports pydicom.
+"""
+
+from ingest.errors import (
+    CorruptFileError,
+    EmptyFileError,
+    FileVanishedError,
+    ImageTooLargeError,
+    IngestError,
+    NoPixelDataError,
+    NotAnImageError,
+    TruncatedFileError,
+    UnreadableFileError,
+    UnsupportedBodyPartError,
+    UnsupportedModalityError,
+    UnsupportedPixelFormatError,
+    UnsupportedTransferSyntaxError,
+)
+from ingest.mura import MURA_PARTS, parse_mura_path
+from ingest.policy import body_part_hint, check_acceptance
+from ingest.reader import read_header, read_image, sha256_file
+from ingest.types import DecodedImage, ImageMeta
+from ingest.watcher import InboxWatcher, is_candidate_name, iter_candidate_files
+from ingest.writers import TRANSFER_SYNTAXES_WRITABLE, make_uid, write_dicom, write_png
+
+__all__ = [
+    "MURA_PARTS",
+    "TRANSFER_SYNTAXES_WRITABLE",
+    "CorruptFileError",
+    "DecodedImage",
+    "EmptyFileError",
+    "FileVanishedError",
+    "ImageMeta",
+    "ImageTooLargeError",
+    "InboxWatcher",
+    "IngestError",
+    "NoPixelDataError",
+    "NotAnImageError",
+    "TruncatedFileError",
+    "UnreadableFileError",
+    "UnsupportedBodyPartError",
+    "UnsupportedModalityError",
+    "UnsupportedPixelFormatError",
+    "UnsupportedTransferSyntaxError",
+    "body_part_hint",
+    "check_acceptance",
+    "is_candidate_name",
+    "iter_candidate_files",
+    "make_uid",
+    "parse_mura_path",
+    "read_header",
+    "read_image",
+    "sha256_file",
+    "write_dicom",
+    "write_png",
+]

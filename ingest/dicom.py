@@ -1,0 +1,572 @@
+"""DICOM files: header, pixel decoding and encoding. The only module that imports pydicom.
+
+Reading follows the DICOM grey pipeline (PS3.3 C.11, PS3.4 N.2): stored values -> Modality LUT
+-> VOI LUT or window -> MONOCHROME1/INVERSE inversion, normalised to [0, 1] with 1 = bright.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import logging
+import struct
+from typing import Any, BinaryIO
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi,
+    apply_windowing,
+    get_decoder,
+    pixel_array,
+)
+from pydicom.uid import (
+    UID,
+    ComputedRadiographyImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+
+from ingest.errors import (
+    CorruptFileError,
+    IngestError,
+    NoPixelDataError,
+    TruncatedFileError,
+    UnsupportedPixelFormatError,
+    UnsupportedTransferSyntaxError,
+)
+from ingest.raster import luminance
+
+logger = logging.getLogger(__name__)
+
+TRANSFER_SYNTAXES_WRITABLE: tuple[str, ...] = (
+    str(ExplicitVRLittleEndian),
+    str(ImplicitVRLittleEndian),
+    str(DeflatedExplicitVRLittleEndian),
+    str(RLELossless),
+    str(JPEG2000Lossless),
+    str(JPEGLSLossless),
+)
+_NATIVE_WRITABLE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
+
+_SOP_CLASS_FOR_MODALITY = {
+    "CR": ComputedRadiographyImageStorage,
+    "DX": DigitalXRayImageStorageForPresentation,
+}
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# (7FE0,0008) Float, (7FE0,0009) Double Float and (7FE0,0010) Pixel Data, as little-endian bytes.
+_PIXEL_TAG_BYTES = (b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00", b"\xe0\x7f\x10\x00")
+_DECODER_PREFERENCE = ("pylibjpeg", "pyjpegls", "pydicom", "pillow", "gdcm")
+# Encoders by syntax; GDCM's RLE encoder aborts the process on odd widths, so it is never used.
+_ENCODING_PLUGIN = {
+    RLELossless: "pylibjpeg",
+    JPEG2000Lossless: "pylibjpeg",
+    JPEGLSLossless: "pyjpegls",
+}
+# pylibjpeg-openjpeg always encodes 6 DWT resolutions, which needs 2**5 pixels per side.
+_J2K_MIN_SIDE = 32
+# A preamble-less dataset starts with file meta (0002,xxxx) or identifying (0008,xxxx) elements.
+_FIRST_GROUPS = (0x0002, 0x0008)
+
+
+class SourceReadError(Exception):
+    """Carries an ``OSError`` of the underlying file through pydicom and Pillow.
+
+    Both libraries raise ``OSError`` for bad bytes too, so ingest.reader wraps real read errors
+    in this type (which neither library catches) and unwraps them afterwards: a disk fault stays
+    a retryable ``OSError`` and never turns into a "corrupt file" verdict.
+    """
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Header:
+    """A header parse: the dataset without pixels, and where its pixel element starts if any."""
+
+    def __init__(self, ds: Dataset, pixel_offset: int | None) -> None:
+        self.ds = ds
+        self.pixel_offset = pixel_offset
+
+
+def _parse_header(fp: BinaryIO, *, force: bool) -> _Header:
+    fp.seek(0, io.SEEK_END)
+    size = fp.tell()
+    fp.seek(0)
+    ds = pydicom.dcmread(fp, stop_before_pixels=True, force=force)
+    # stop_before_pixels leaves the stream on the pixel element's tag when there is one.
+    offset = fp.tell()
+    pixel_offset = None
+    if offset < size and fp.read(4) in _PIXEL_TAG_BYTES:
+        pixel_offset = offset
+    return _Header(ds, pixel_offset)
+
+
+def is_dicom(fp: BinaryIO) -> bool:
+    """Tell whether a stream holds DICOM: 'DICM' at offset 128, or a bare dataset.
+
+    Args:
+        fp: Seekable binary stream; read from its start.
+
+    Returns:
+        True for a Part 10 file or a preamble-less dataset pydicom parses into an image-like
+        object (one with a SOP Class UID or image dimensions).
+    """
+    fp.seek(0)
+    head = fp.read(132)
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return True
+    if len(head) < 8:
+        return False
+    group = struct.unpack("<H", head[:2])[0]
+    if group not in _FIRST_GROUPS:
+        return False
+    try:
+        ds = _parse_header(fp, force=True).ds
+        return any(k in ds for k in ("SOPClassUID", "SOPInstanceUID", "Rows"))
+    except SourceReadError:
+        raise
+    except Exception:  # noqa: BLE001 - any parse failure on a guess just means "not DICOM"
+        return False
+
+
+def read_dicom_header(fp: BinaryIO, *, salt: str) -> dict[str, Any]:
+    """Read the identifying and image-describing header fields, never the pixels.
+
+    PatientID leaves only as ``patient_hash`` = sha256(salt + PatientID); PatientName is never
+    read.
+
+    Args:
+        fp: Seekable binary stream of a file ``is_dicom`` accepted.
+        salt: Site secret mixed into the patient hash.
+
+    Returns:
+        ``ImageMeta`` keyword arguments (format, rows, columns, UIDs, modality, ...).
+
+    Raises:
+        CorruptFileError: The header cannot be parsed.
+    """
+    header = _parse_or_raise(fp)
+    return _header_fields(header.ds, salt)
+
+
+def _parse_or_raise(fp: BinaryIO) -> _Header:
+    try:
+        return _parse_header(fp, force=True)
+    except SourceReadError:
+        raise
+    except (EOFError, struct.error) as exc:
+        raise TruncatedFileError(f"DICOM header ends early: {exc}") from exc
+    except (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, OSError,
+            NotImplementedError, OverflowError, UnicodeError) as exc:
+        raise CorruptFileError(f"DICOM header cannot be parsed: {exc}") from exc
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if isinstance(value, MultiValue):
+        value = value[0] if len(value) else None
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    if isinstance(value, MultiValue):
+        value = value[0] if len(value) else None
+    if value is None or value == "":
+        return None
+    return int(value)
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    """The dataset's transfer syntax; for a bare dataset, the encoding pydicom detected."""
+    file_meta = getattr(ds, "file_meta", None)
+    tsyntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if tsyntax:
+        return UID(str(tsyntax).strip())
+    implicit, little = ds.original_encoding
+    if implicit:
+        return ImplicitVRLittleEndian
+    return ExplicitVRLittleEndian if little in (True, None) else ExplicitVRBigEndian
+
+
+def _header_fields(ds: Dataset, salt: str) -> dict[str, Any]:
+    try:
+        patient_id = _text(ds, "PatientID")
+        fields: dict[str, Any] = {
+            "format": "dicom",
+            "rows": _int(ds, "Rows"),
+            "columns": _int(ds, "Columns"),
+            "study_uid": _text(ds, "StudyInstanceUID"),
+            "series_uid": _text(ds, "SeriesInstanceUID"),
+            "sop_instance_uid": _text(ds, "SOPInstanceUID"),
+            "sop_class_uid": _text(ds, "SOPClassUID"),
+            "patient_hash": (
+                hashlib.sha256((salt + patient_id).encode("utf-8")).hexdigest()
+                if patient_id
+                else None
+            ),
+            "modality": _text(ds, "Modality"),
+            "body_part_examined": _text(ds, "BodyPartExamined"),
+            "view_position": _text(ds, "ViewPosition"),
+            "photometric": _text(ds, "PhotometricInterpretation"),
+            "transfer_syntax": str(_transfer_syntax(ds)),
+            "bits_stored": _int(ds, "BitsStored"),
+        }
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, UnicodeError) as exc:
+        raise CorruptFileError(f"DICOM header has an unreadable value: {exc}") from exc
+    return fields
+
+
+def _syntax_label(tsyntax: UID) -> str:
+    name = tsyntax.name if tsyntax.is_transfer_syntax else "an unknown transfer syntax"
+    return f"{name} ({tsyntax})"
+
+
+def _choose_decoding_plugin(tsyntax: UID) -> str:
+    """The plugin to decode with ("" lets pydicom decide, for native data).
+
+    pydicom tries GDCM first for most compressed syntaxes, but GDCM can abort the whole process
+    (a C++ exception through the binding) on odd input, which would take a worker down with one
+    bad file; so GDCM is used only where nothing else decodes the syntax.
+
+    Raises:
+        UnsupportedTransferSyntaxError: No installed plugin decodes ``tsyntax``.
+    """
+    try:
+        decoder = get_decoder(tsyntax)
+    except (NotImplementedError, ValueError) as exc:
+        raise UnsupportedTransferSyntaxError(
+            f"no decoder for transfer syntax {_syntax_label(tsyntax)}"
+        ) from exc
+    if not decoder.is_available:
+        raise UnsupportedTransferSyntaxError(
+            f"no installed decoder plugin for transfer syntax {_syntax_label(tsyntax)}"
+        )
+    if not tsyntax.is_encapsulated:
+        return ""
+    available = decoder.available_plugins
+    for plugin in _DECODER_PREFERENCE:
+        if plugin in available:
+            return plugin
+    return ""
+
+
+def _expected_native_bytes(ds: Dataset) -> int:
+    frames = _int(ds, "NumberOfFrames") or 1
+    bits = int(ds.BitsAllocated)
+    samples = int(ds.get("SamplesPerPixel", 1))
+    total_bits = int(ds.Rows) * int(ds.Columns) * samples * frames * bits
+    return (total_bits + 7) // 8
+
+
+def decode_dicom(data: bytes) -> np.ndarray:
+    """Decode a DICOM image's first frame to display grey float32 (H, W) in [0, 1].
+
+    Multi-frame objects give their first frame; what to do with the other frames is a later
+    decision. Modality and VOI transforms come from the top-level dataset, so an enhanced
+    multi-frame object's per-frame functional groups are not consulted.
+
+    Args:
+        data: The whole file.
+
+    Raises:
+        NoPixelDataError: The object has no image (SR, presentation state, ...).
+        UnsupportedTransferSyntaxError: No installed decoder handles the transfer syntax.
+        TruncatedFileError: The pixel data ends early.
+        CorruptFileError: The pixel data or its describing attributes are damaged.
+        UnsupportedPixelFormatError: A photometric interpretation that has no grey rendering.
+    """
+    header = _parse_or_raise(io.BytesIO(data))
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except (EOFError, struct.error) as exc:
+        raise TruncatedFileError(f"DICOM file ends early: {exc}") from exc
+    except (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, OSError,
+            NotImplementedError, OverflowError, UnicodeError) as exc:
+        raise CorruptFileError(f"DICOM file cannot be parsed: {exc}") from exc
+
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        if header.pixel_offset is not None:
+            # pydicom drops an encapsulated pixel element whose items run past the end.
+            raise TruncatedFileError("DICOM file ends inside its pixel data element")
+        sop_class = UID(_text(ds, "SOPClassUID") or "")
+        label = f"{sop_class.name} ({sop_class})" if sop_class else "an unknown SOP class"
+        raise NoPixelDataError(f"DICOM object has no pixel data: {label}")
+    if "PixelData" not in ds:
+        raise UnsupportedPixelFormatError("float pixel data (parametric map) is not a radiograph")
+
+    try:
+        return _render_grey(ds)
+    except IngestError:
+        raise
+    except MemoryError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError,
+            ZeroDivisionError, struct.error) as exc:
+        raise CorruptFileError(f"DICOM image attributes are inconsistent: {exc}") from exc
+
+
+def _decode_first_frame(ds: Dataset) -> np.ndarray:
+    tsyntax = _transfer_syntax(ds)
+    if not ds.file_meta.get("TransferSyntaxUID"):
+        ds.file_meta.TransferSyntaxUID = tsyntax
+    plugin = _choose_decoding_plugin(tsyntax)
+    for keyword in ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation"):
+        if keyword not in ds or ds[keyword].value in (None, "", 0):
+            raise CorruptFileError(f"DICOM image lacks {keyword}")
+    if not tsyntax.is_compressed:
+        expected = _expected_native_bytes(ds)
+        if len(ds.PixelData) < expected:
+            raise TruncatedFileError(
+                f"pixel data has {len(ds.PixelData)} of {expected} bytes: the file is cut short"
+            )
+    try:
+        # index=0 decodes only the first frame; see decode_dicom on multi-frame objects.
+        return pixel_array(ds, index=0, decoding_plugin=plugin)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - third-party codecs raise anything on bad streams
+        message = str(exc)
+        if "less than expected" in message or isinstance(exc, EOFError):
+            raise TruncatedFileError(f"pixel data ends early ({_syntax_label(tsyntax)})") from exc
+        raise CorruptFileError(
+            f"pixel data cannot be decoded as {_syntax_label(tsyntax)}: {message}"
+        ) from exc
+
+
+def _render_grey(ds: Dataset) -> np.ndarray:
+    arr = _decode_first_frame(ds)
+    photometric = str(ds.PhotometricInterpretation).strip().upper()
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        if arr.ndim != 2:
+            raise CorruptFileError(f"{photometric} pixel data has shape {arr.shape}, not (H, W)")
+        return _render_monochrome(arr, ds, photometric).astype(np.float32)
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        depth = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        return luminance(rgb, float(2**depth - 1)).astype(np.float32)
+    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"):
+        # pixel_array converts YBR to RGB by default, and J2K codecs undo ICT/RCT themselves.
+        max_value = float(2 ** int(ds.get("BitsStored") or ds.BitsAllocated) - 1)
+        return luminance(arr, max_value).astype(np.float32)
+    raise UnsupportedPixelFormatError(f"photometric interpretation {photometric} is not supported")
+
+
+def _stored_range(ds: Dataset) -> tuple[float, float]:
+    bits = int(ds.get("BitsStored") or ds.BitsAllocated)
+    if int(ds.get("PixelRepresentation", 0)) == 0:
+        return 0.0, float(2**bits - 1)
+    return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+
+
+def _has_rescale(ds: Dataset) -> bool:
+    return ds.get("RescaleSlope") is not None and ds.get("RescaleIntercept") is not None
+
+
+def _modality_range(ds: Dataset) -> tuple[float, float]:
+    """The modality output's nominal (first, last) values, as PS3.3 C.11.2.1.2.1 uses them."""
+    if ds.get("ModalityLUTSequence"):
+        depth = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
+        return 0.0, float(2**depth - 1)
+    lo, hi = _stored_range(ds)
+    if _has_rescale(ds):
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        return lo * slope + intercept, hi * slope + intercept
+    return lo, hi
+
+
+def _apply_voi_normalised(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """VOI LUT, else window, else the full modality range; scaled so its output range is [0, 1]."""
+    voi_items = ds.get("VOILUTSequence")
+    if voi_items and None not in (voi_items[0].get("LUTDescriptor"), voi_items[0].get("LUTData")):
+        if np.issubdtype(values.dtype, np.floating) and np.array_equal(values, np.round(values)):
+            # A LUT indexes by integer; an identity rescale leaves integral floats behind.
+            values = values.astype(np.int64)
+        out = apply_voi(values, ds, 0)
+        depth = int(voi_items[0].LUTDescriptor[2])
+        return out.astype(np.float64) / float(2**depth - 1)
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        first, last = _modality_range(ds)
+        try:
+            out = apply_windowing(values, ds, 0)
+        except ValueError as exc:
+            logger.warning("ignoring an unusable window (%s); showing the full range", exc)
+        else:
+            # The window maps onto [first, last]; with a negative slope last < first.
+            return (out.astype(np.float64) - first) / (last - first)
+    first, last = _modality_range(ds)
+    lo, hi = min(first, last), max(first, last)
+    return (values.astype(np.float64) - lo) / (hi - lo)
+
+
+def _render_monochrome(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+    bits_stored = int(ds.get("BitsStored") or ds.BitsAllocated)
+    if arr.dtype.kind == "u" and bits_stored < arr.dtype.itemsize * 8:
+        # Bits above BitsStored may hold retired overlays; they are not part of the value.
+        arr = np.bitwise_and(arr, (1 << bits_stored) - 1)
+    values = apply_modality_lut(arr, ds)
+    grey = _apply_voi_normalised(values, ds)
+    shape = str(ds.get("PresentationLUTShape") or "").strip().upper()
+    # MONOCHROME1 and a Presentation LUT Shape of INVERSE each call for the one inversion that
+    # makes high values bright; DX pairs them (MONOCHROME1 + INVERSE), so they are not applied
+    # twice.
+    if photometric == "MONOCHROME1" or shape == "INVERSE":
+        grey = 1.0 - grey
+    return np.clip(np.nan_to_num(grey, nan=0.0), 0.0, 1.0)
+
+
+def make_uid(*parts: str) -> str:
+    """Make a valid DICOM UID that is the same every time for the same strings.
+
+    Args:
+        *parts: One or more strings that identify the object (e.g. study name, image index).
+
+    Returns:
+        A UID under pydicom's root, derived from a hash of ``parts``.
+
+    Raises:
+        ValueError: No parts were given (pydicom would then return a random UID).
+    """
+    if not parts:
+        raise ValueError("make_uid needs at least one string to stay deterministic")
+    return str(generate_uid(entropy_srcs=list(parts)))
+
+
+def encode_dicom(
+    stored: np.ndarray,
+    *,
+    bits_stored: int,
+    photometric: str,
+    transfer_syntax: str,
+    modality: str,
+    window: tuple[float, float],
+    body_part: str | None,
+    view_position: str | None,
+    laterality: str | None,
+    patient_id: str,
+    patient_name: str,
+    study_uid: str,
+    series_uid: str,
+    sop_uid: str,
+    study_date: str,
+    instance_number: int,
+    series_number: int,
+) -> bytes:
+    """Encode stored grey values as a CR or DX Part 10 file in the given transfer syntax.
+
+    Args:
+        stored: uint8 or uint16 (H, W) stored values, already inverted for MONOCHROME1.
+        bits_stored: 8..16; BitsAllocated is 8 for 8 bits and 16 above.
+        window: (WindowCenter, WindowWidth) to record.
+        (others): The DICOM attributes of the same name.
+
+    Returns:
+        The file's bytes.
+
+    Raises:
+        ValueError: An unsupported modality, transfer syntax or bit depth.
+    """
+    tsyntax = UID(transfer_syntax)
+    if transfer_syntax not in TRANSFER_SYNTAXES_WRITABLE:
+        raise ValueError(f"cannot encode transfer syntax {_syntax_label(tsyntax)}")
+    sop_class = _SOP_CLASS_FOR_MODALITY.get(modality)
+    if sop_class is None:
+        raise ValueError(f"write_dicom writes CR or DX images, not {modality}")
+    bits_allocated = 8 if bits_stored <= 8 else 16
+    if tsyntax == JPEG2000Lossless and min(stored.shape) < _J2K_MIN_SIDE:
+        raise ValueError(
+            f"JPEG 2000 needs images at least {_J2K_MIN_SIDE} pixels on each side, "
+            f"got {stored.shape[0]}x{stored.shape[1]}"
+        )
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian  # compress() switches it below
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    now = dt.datetime.now(dt.UTC)
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = study_date
+    ds.SeriesDate = study_date
+    ds.ContentDate = study_date
+    ds.StudyTime = "000000"
+    ds.ContentTime = "000000"
+    ds.AccessionNumber = ""
+    ds.Modality = modality
+    ds.Manufacturer = "bonewatch"
+    ds.ReferringPhysicianName = ""
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = ""
+    ds.SeriesNumber = series_number
+    ds.InstanceNumber = instance_number
+    ds.PatientOrientation = ""
+    ds.BodyPartExamined = body_part or ""
+    ds.ViewPosition = view_position or ""
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    if modality == "DX":
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]
+        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.ImageLaterality = laterality or "U"
+        ds.PixelIntensityRelationship = "LOG"
+        ds.PixelIntensityRelationshipSign = 1
+        ds.RescaleIntercept = 0
+        ds.RescaleSlope = 1
+        ds.RescaleType = "US"
+        ds.DetectorType = ""
+        # DX ties the Presentation LUT Shape to the photometric interpretation (PS3.3 C.8.11.1).
+        ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
+    elif laterality:
+        ds.Laterality = laterality
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = int(stored.shape[0]), int(stored.shape[1])
+    ds.BitsAllocated = bits_allocated
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = window[0]
+    ds.WindowWidth = window[1]
+
+    array = np.ascontiguousarray(stored, dtype=np.uint8 if bits_allocated == 8 else "<u2")
+    if tsyntax in _NATIVE_WRITABLE:
+        meta.TransferSyntaxUID = tsyntax
+        ds.PixelData = array.tobytes()
+        ds["PixelData"].VR = "OB" if bits_allocated == 8 else "OW"
+    else:
+        ds.compress(
+            tsyntax, array, encoding_plugin=_ENCODING_PLUGIN[tsyntax], generate_instance_uid=False
+        )
+
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()

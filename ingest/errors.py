@@ -1,0 +1,80 @@
+"""The ingest error family: a file that is bad is recorded and skipped, never retried.
+
+Each class carries the ledger ``status`` it ends in (``failed`` or ``unsupported``) and a reason a
+person can act on. Errors that mean "the world is broken" (an I/O error on a share that went away)
+are not in this family: they propagate as ``OSError`` so the caller can retry them.
+"""
+
+from __future__ import annotations
+
+
+class IngestError(Exception):
+    """A file that cannot become a ``DecodedImage``; ``str(err)`` is the readable reason."""
+
+    status: str = "failed"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    @property
+    def error_class(self) -> str:
+        return type(self).__name__
+
+
+class EmptyFileError(IngestError):
+    """The file has zero bytes."""
+
+
+class FileVanishedError(IngestError):
+    """The file was deleted or moved away before it could be read."""
+
+
+class UnreadableFileError(IngestError):
+    """The file exists but cannot be opened (permissions, a directory with an image name)."""
+
+
+class NotAnImageError(IngestError):
+    """The bytes are neither DICOM nor a supported raster format."""
+
+
+class CorruptFileError(IngestError):
+    """The format is recognised but the content is damaged (bad CRC, broken stream)."""
+
+
+class TruncatedFileError(CorruptFileError):
+    """The file ends before its declared content (a partial copy)."""
+
+
+class ImageTooLargeError(IngestError):
+    """The header declares more pixels or bytes than the configured limits allow."""
+
+
+class NoPixelDataError(IngestError):
+    """A DICOM object without an image (structured report, presentation state, ...)."""
+
+    status = "unsupported"
+
+
+class UnsupportedModalityError(IngestError):
+    """A modality that is not a projection radiograph (CT, MR, US, ...)."""
+
+    status = "unsupported"
+
+
+class UnsupportedBodyPartError(IngestError):
+    """BodyPartExamined names a region outside the seven MURA upper-limb parts."""
+
+    status = "unsupported"
+
+
+class UnsupportedTransferSyntaxError(IngestError):
+    """Pixel data in a transfer syntax no installed decoder handles."""
+
+    status = "unsupported"
+
+
+class UnsupportedPixelFormatError(IngestError):
+    """A pixel layout the reader does not turn into grey (e.g. an unknown photometric)."""
+
+    status = "unsupported"

@@ -1,0 +1,144 @@
+"""What bonewatch accepts: projection radiographs of the upper limb.
+
+The policy only rejects what a header states plainly (a CT slice, a chest film). Anything vague
+(``EXTREMITY``, ``ARM``, an empty or unknown ``BodyPartExamined``) passes, so the body-part model
+decides.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ingest.errors import UnsupportedBodyPartError, UnsupportedModalityError
+from ingest.mura import MURA_PARTS
+from ingest.types import ImageMeta
+
+ACCEPTED_MODALITIES: tuple[str, ...] = ("CR", "DX", "RG")
+
+# Words and run-together phrases (DICOM CS values often drop the space) naming one MURA part.
+_PART_WORDS: dict[str, str] = {
+    "ELBOW": "ELBOW",
+    "ELBOWS": "ELBOW",
+    "OLECRANON": "ELBOW",
+    "FINGER": "FINGER",
+    "FINGERS": "FINGER",
+    "THUMB": "FINGER",
+    "THUMBS": "FINGER",
+    "DIGIT": "FINGER",
+    "DIGITS": "FINGER",
+    "PHALANX": "FINGER",
+    "PHALANGES": "FINGER",
+    "FOREARM": "FOREARM",
+    "FOREARMS": "FOREARM",
+    "LOWERARM": "FOREARM",
+    "RADIUS": "FOREARM",
+    "ULNA": "FOREARM",
+    "HAND": "HAND",
+    "HANDS": "HAND",
+    "METACARPAL": "HAND",
+    "METACARPALS": "HAND",
+    "HUMERUS": "HUMERUS",
+    "UPPERARM": "HUMERUS",
+    "SHOULDER": "SHOULDER",
+    "SHOULDERS": "SHOULDER",
+    "WRIST": "WRIST",
+    "WRISTS": "WRIST",
+    "CARPUS": "WRIST",
+    "CARPAL": "WRIST",
+    "SCAPHOID": "WRIST",
+}
+
+# Regions that are plainly not an upper limb (DICOM PS3.16 body part terms and common free text).
+_OTHER_REGION_WORDS: frozenset[str] = frozenset(
+    {
+        "ABD", "ABDOMEN", "ANKLE", "ANKLES", "BRAIN", "BREAST", "CALCANEUS", "CHEST", "COCCYX",
+        "CSPINE", "FACE", "FEET", "FEMUR", "FIBULA", "FOOT", "HEAD", "HEART", "HEEL", "HIP",
+        "HIPS", "JAW", "KNEE", "KNEES", "LEG", "LEGS", "LSPINE", "LUNG", "LUNGS", "MANDIBLE",
+        "NECK", "ORBIT", "PATELLA", "PELVIS", "RIB", "RIBS", "SACRUM", "SINUS", "SINUSES",
+        "SKULL", "SPINE", "SSPINE", "STERNUM", "TEETH", "THIGH", "THORAX", "TIBIA", "TMJ",
+        "TOE", "TOES", "TSPINE", "WHOLEBODY", "LOWEREXTREMITY", "LOWERLIMB", "LOWERLEG",
+    }
+)
+# Compound DICOM terms run words together (ABDOMENPELVIS, CHESTABDPELVIS, TLSPINE), so these
+# unambiguous stems also count inside a longer word.
+_OTHER_REGION_STEMS: tuple[str, ...] = (
+    "ABDOMEN", "ANKLE", "CHEST", "FEMUR", "KNEE", "PELVIS", "SKULL", "SPINE", "THORAX", "TIBIA",
+)
+# Laterality words say nothing about the region.
+_LATERALITY_WORDS: frozenset[str] = frozenset(
+    {"L", "R", "LT", "RT", "LEFT", "RIGHT", "B", "BILAT", "BILATERAL", "BOTH"}
+)
+_SEPARATORS = re.compile(r"[\s_\-/,.;:()+&]+")
+
+
+def _words(value: str) -> list[str]:
+    """Upper-cased words of a body part value, laterality dropped."""
+    words = [w for w in _SEPARATORS.split(value.strip().upper()) if w]
+    return [w for w in words if w not in _LATERALITY_WORDS]
+
+
+def _candidates(words: list[str]) -> list[str]:
+    """Single words, adjacent pairs and the whole value run together ("UPPER ARM" -> UPPERARM)."""
+    pairs = [a + b for a, b in zip(words, words[1:])]
+    return [*words, *pairs, "".join(words)]
+
+
+def body_part_hint(body_part_examined: str | None) -> str | None:
+    """Map a DICOM BodyPartExamined value to one of ``MURA_PARTS``.
+
+    Args:
+        body_part_examined: The raw header value, in any case, with spaces or underscores.
+
+    Returns:
+        The MURA part it names, or ``None`` when it names none or more than one of them.
+    """
+    if not body_part_examined:
+        return None
+    words = _words(body_part_examined)
+    if not words:
+        return None
+    found = {_PART_WORDS[c] for c in _candidates(words) if c in _PART_WORDS}
+    if len(found) == 1:
+        return found.pop()
+    return None
+
+
+def _names_other_region(body_part_examined: str) -> bool:
+    words = _words(body_part_examined)
+    if any(c in _OTHER_REGION_WORDS for c in _candidates(words)):
+        return True
+    return any(stem in word for word in words for stem in _OTHER_REGION_STEMS)
+
+
+def _names_any_mura_part(body_part_examined: str) -> bool:
+    return any(c in _PART_WORDS for c in _candidates(_words(body_part_examined)))
+
+
+def check_acceptance(meta: ImageMeta) -> None:
+    """Reject images the header shows are not upper-limb projection radiographs.
+
+    A missing modality (PNG/JPEG, or a DICOM without the tag) passes, and so does any body part
+    value that is vague or also names an upper-limb part: the body-part model has the last word.
+
+    Args:
+        meta: The header of the image.
+
+    Raises:
+        UnsupportedModalityError: The modality is not CR, DX or RG.
+        UnsupportedBodyPartError: BodyPartExamined names only regions outside the seven parts.
+    """
+    modality = (meta.modality or "").strip().upper()
+    if modality and modality not in ACCEPTED_MODALITIES:
+        raise UnsupportedModalityError(
+            f"modality {modality} is not a projection radiograph; bonewatch reads CR, DX and RG"
+        )
+    body_part = (meta.body_part_examined or "").strip()
+    if (
+        body_part
+        and not _names_any_mura_part(body_part)
+        and _names_other_region(body_part)
+    ):
+        raise UnsupportedBodyPartError(
+            f"body part {body_part.upper()} is outside the upper limb; bonewatch reads "
+            + ", ".join(MURA_PARTS)
+        )

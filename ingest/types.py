@@ -1,0 +1,47 @@
+"""Values that leave the ingest package: what a file is, and its decoded pixels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What is known about one image file before (and apart from) its pixels.
+
+    Every field but ``path``, ``sha256``, ``format`` and ``size_bytes`` may be ``None`` when the
+    source does not carry it (a PNG has no UIDs; a DICOM has no MURA path).
+    """
+
+    path: str
+    sha256: str
+    format: str  # "dicom" | "png" | "jpeg"
+    size_bytes: int
+    rows: int | None = None
+    columns: int | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_instance_uid: str | None = None
+    sop_class_uid: str | None = None
+    patient_hash: str | None = None  # salted sha256 of PatientID; the ID itself is never kept
+    modality: str | None = None
+    body_part_examined: str | None = None
+    view_position: str | None = None
+    photometric: str | None = None
+    transfer_syntax: str | None = None
+    bits_stored: int | None = None
+    # Taken from a MURA-layout path: .../XR_<PART>/patient<N>/study<M>_<positive|negative>/image<K>
+    mura_part: str | None = None  # e.g. "ELBOW"
+    mura_patient: str | None = None  # e.g. "patient00001"
+    mura_study: str | None = None  # e.g. "XR_ELBOW/patient00001/study1_positive"
+    mura_label: int | None = None  # 1 positive (abnormal), 0 negative
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """Display-ready grey pixels: float32, shape (H, W), values in [0, 1], 1 = bright (bone)."""
+
+    pixels: np.ndarray
+    meta: ImageMeta

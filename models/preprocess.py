@@ -1,0 +1,102 @@
+"""Preprocessing declared by a bundle's manifest; one function serves training and serving.
+
+Pure array maths: grey pixels in [0, 1] go in, a model-ready float32 tensor comes out. A bundle
+states its preprocessing as data (:class:`PreprocessSpec`), so the trainer that wrote the bundle and
+the worker that serves it cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+# ImageNet statistics, used by backbones initialised from ImageNet weights (as in the MURA paper).
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+NORMALIZATIONS = ("unit", "imagenet", "minus_one_one")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a stage turns grey pixels into its input tensor.
+
+    Attributes:
+        input_size: Side of the square model input, in pixels.
+        channels: 1 for grey models, 3 for ImageNet backbones (grey is replicated).
+        normalization: ``unit`` keeps [0, 1]; ``imagenet`` subtracts ImageNet's mean and divides by
+            its standard deviation; ``minus_one_one`` maps to [-1, 1].
+    """
+
+    input_size: int
+    channels: int = 1
+    normalization: str = "unit"
+
+    def __post_init__(self) -> None:
+        if self.input_size < 8:
+            raise ValueError(f"input_size must be at least 8, got {self.input_size}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"
+            )
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> PreprocessSpec:
+        return cls(
+            input_size=int(data["input_size"]),  # type: ignore[arg-type]
+            channels=int(data.get("channels", 1)),  # type: ignore[arg-type]
+            normalization=str(data.get("normalization", "unit")),
+        )
+
+
+def pad_to_square(pixels: np.ndarray) -> np.ndarray:
+    """Centre ``pixels`` on a black square canvas so resizing keeps the aspect ratio."""
+    h, w = pixels.shape
+    side = max(h, w)
+    if h == w:
+        return pixels
+    canvas = np.zeros((side, side), dtype=np.float32)
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[top : top + h, left : left + w] = pixels
+    return canvas
+
+
+def resize(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Resize a float image to ``size``×``size`` with an antialiased bilinear filter."""
+    if pixels.shape == (size, size):
+        return pixels.astype(np.float32, copy=False)
+    img = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
+    return np.array(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Turn grey pixels (H, W) in [0, 1] into one model input of shape (S, S, C).
+
+    Returns:
+        float32 array of shape ``(spec.input_size, spec.input_size, spec.channels)``.
+    """
+    if pixels.ndim != 2:
+        raise ValueError(f"expected grey pixels of shape (H, W), got {pixels.shape}")
+    x = resize(pad_to_square(pixels.astype(np.float32, copy=False)), spec.input_size)
+    np.clip(x, 0.0, 1.0, out=x)
+    x = np.repeat(x[:, :, None], spec.channels, axis=2)
+    if spec.normalization == "imagenet":
+        x = (x - IMAGENET_MEAN[: spec.channels]) / IMAGENET_STD[: spec.channels]
+    elif spec.normalization == "minus_one_one":
+        x = x * 2.0 - 1.0
+    return x.astype(np.float32, copy=False)
+
+
+def preprocess_batch(images: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
+    """Preprocess several grey images into one (N, S, S, C) batch."""
+    out = np.empty((len(images), spec.input_size, spec.input_size, spec.channels), np.float32)
+    for i, pixels in enumerate(images):
+        out[i] = preprocess(pixels, spec)
+    return out

@@ -1,0 +1,119 @@
+"""Tests for db/engine.py: engine configuration per dialect."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, select
+
+from db import make_engine
+from db.engine import write_transaction
+from db.schema import images, utcnow
+
+
+def _sqlite_path(url: str) -> Path:
+    return Path(url.removeprefix("sqlite:///"))
+
+
+def test_sqlite_engine_creates_parent_directory(sqlite_url: str) -> None:
+    path = _sqlite_path(sqlite_url)
+    assert not path.parent.exists()
+    engine = make_engine(sqlite_url)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    finally:
+        engine.dispose()
+    assert path.exists()
+
+
+def test_sqlite_pragmas_are_set_on_every_connection(sqlite_url: str) -> None:
+    engine = make_engine(sqlite_url)
+    try:
+        # Two connections at once: the pragmas must not depend on which one the pool hands out.
+        with engine.connect() as first, engine.connect() as second:
+            for conn in (first, second):
+                assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+                assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+                assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+                assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_write_transaction_takes_the_write_lock_at_begin(sqlite_url: str) -> None:
+    engine = make_engine(sqlite_url)
+    try:
+        with write_transaction(engine) as conn:
+            conn.exec_driver_sql("SELECT 1")
+            other = sqlite3.connect(_sqlite_path(sqlite_url), timeout=0, isolation_level=None)
+            try:
+                with pytest.raises(sqlite3.OperationalError, match="locked"):
+                    other.execute("BEGIN IMMEDIATE")
+            finally:
+                other.close()
+        # Once committed the lock is free again.
+        other = sqlite3.connect(_sqlite_path(sqlite_url), timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_read_transaction_does_not_block_writers(sqlite_url: str) -> None:
+    engine = make_engine(sqlite_url)
+    try:
+        with engine.connect() as conn, conn.begin():
+            conn.exec_driver_sql("SELECT 1")
+            other = sqlite3.connect(_sqlite_path(sqlite_url), timeout=0, isolation_level=None)
+            try:
+                other.execute("BEGIN IMMEDIATE")
+                other.execute("ROLLBACK")
+            finally:
+                other.close()
+    finally:
+        engine.dispose()
+
+
+def test_datetimes_come_back_utc_aware(db_engine: Engine) -> None:
+    now = utcnow()
+    with write_transaction(db_engine) as conn:
+        conn.execute(
+            images.insert().values(
+                path="/x.png", queue="live", status="queued", attempts=0, lease_expires_at=now
+            )
+        )
+    with db_engine.connect() as conn:
+        row = conn.execute(select(images.c.created_at, images.c.lease_expires_at)).one()
+    for value in row:
+        assert value.tzinfo is not None
+        assert value.utcoffset().total_seconds() == 0
+    assert row.lease_expires_at == now
+
+
+def test_naive_datetimes_are_refused(db_engine: Engine) -> None:
+    naive = utcnow().replace(tzinfo=None)
+    with pytest.raises(Exception, match="naive datetime"):
+        with write_transaction(db_engine) as conn:
+            conn.execute(
+                images.insert().values(
+                    path="/x.png", queue="live", status="queued", attempts=0, finished_at=naive
+                )
+            )
+
+
+@pytest.mark.services
+def test_postgres_engine_connects(pg_url: str) -> None:
+    engine = make_engine(pg_url)
+    try:
+        assert engine.dialect.name == "postgresql"
+        assert engine.dialect.driver == "psycopg"
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    finally:
+        engine.dispose()

@@ -1,0 +1,122 @@
+"""The embedded pipeline end to end on real files and a real SQLite ledger."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from pydicom.data import get_testdata_file
+
+from db import count_by_status, query_results, query_studies
+from ingest import write_dicom, write_png
+from worker.runner import open_ledger, process_paths
+
+RG3_J2KR = get_testdata_file("RG3_J2KR.dcm")
+RG1_J2KR = get_testdata_file("RG1_J2KR.dcm")
+
+
+def _png(path: Path, value: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_png(path, np.full((48, 48), value, np.float32))
+    return path
+
+
+def _ct_slice(path: Path) -> Path:
+    """A CR written by bonewatch, re-labelled as CT the way a misrouted series arrives."""
+    import pydicom
+
+    write_dicom(path, np.ones((8, 8), np.float32), study_uid="1.2.3", series_uid="1.2.3.1",
+                sop_uid="1.2.3.1.1")
+    ds = pydicom.dcmread(path)
+    ds.Modality = "CT"
+    ds.SOPClassUID = pydicom.uid.CTImageStorage
+    ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
+    ds.save_as(path)
+    return path
+
+
+def _by_name(engine) -> dict[str, dict]:
+    return {Path(str(r["path"])).name: r for r in query_results(engine)}
+
+
+def test_good_bad_and_duplicate_files_each_end_as_one_row(tmp_path, settings):
+    inbox = tmp_path / "inbox"
+    _png(inbox / "bright.png", 1.0)
+    _png(inbox / "dark.png", 0.0)
+    shutil.copy(inbox / "bright.png", inbox / "copy-of-bright.png")
+    (inbox / "empty.dcm").write_bytes(b"")
+    (inbox / "notes.txt").write_text("not an image")
+    _ct_slice(inbox / "ct.dcm")
+    before = {p.name: p.read_bytes() for p in inbox.iterdir()}
+
+    registered, drained = process_paths([inbox], settings)
+
+    rows = _by_name(open_ledger(settings))
+    assert registered.seen == 6 and len(rows) == 6
+    assert rows["bright.png"]["status"] == "done"
+    assert rows["bright.png"]["body_part"] == "ELBOW"
+    assert rows["bright.png"]["bundle"] == "tiny"
+    assert rows["dark.png"]["status"] == "unsupported"
+    assert "none of the seven" in rows["dark.png"]["reason"]
+    assert rows["copy-of-bright.png"]["status"] == "duplicate"
+    assert rows["copy-of-bright.png"]["duplicate_of"] == rows["bright.png"]["id"]
+    assert rows["empty.dcm"]["status"] == "failed" and rows["empty.dcm"]["reason"]
+    assert rows["notes.txt"]["status"] == "failed" and rows["notes.txt"]["reason"]
+    assert rows["ct.dcm"]["status"] == "unsupported" and "CT" in rows["ct.dcm"]["reason"]
+    # originals untouched
+    assert {p.name: p.read_bytes() for p in inbox.iterdir()} == before
+
+
+def test_processing_again_adds_nothing(tmp_path, settings):
+    inbox = tmp_path / "inbox"
+    _png(inbox / "a.png", 1.0)
+    process_paths([inbox], settings)
+    registered, drained = process_paths([inbox], settings)
+    assert registered.new == 0 and drained.finished == 0
+    counts = count_by_status(open_ledger(settings))
+    assert counts["done"] == 1 and sum(counts.values()) == 1
+
+
+def test_study_score_is_the_mean_of_its_images(tmp_path, settings):
+    study = tmp_path / "inbox" / "XR_ELBOW" / "patient00001" / "study1_positive"
+    _png(study / "image1.png", 1.0)
+    _png(study / "image2.png", 0.8)
+    process_paths([tmp_path / "inbox"], settings)
+    engine = open_ledger(settings)
+    images = query_results(engine)
+    (study_row,) = query_studies(engine)
+    assert study_row["n_images"] == 2
+    expected = np.mean([r["p_fracture"] for r in images])
+    assert abs(study_row["mean_p_fracture"] - expected) < 1e-9
+
+
+def test_real_cr_radiographs(tmp_path, settings):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(RG1_J2KR, inbox / "RG1_J2KR.dcm")
+    shutil.copy(RG3_J2KR, inbox / "RG3_J2KR.dcm")
+    process_paths([inbox], settings)
+    rows = _by_name(open_ledger(settings))
+    chest, extremity = rows["RG1_J2KR.dcm"], rows["RG3_J2KR.dcm"]
+    assert chest["status"] == "unsupported" and "CHEST" in chest["reason"]
+    assert chest["body_part"] is None  # refused before any model ran
+    assert extremity["status"] in {"done", "unsupported"}
+    assert extremity["body_part"] is not None and extremity["body_part_examined"] == "EXTREMITY"
+
+
+def test_unreadable_file_is_recorded_not_fatal(tmp_path, settings):
+    if os.geteuid() == 0:
+        # root reads everything; a directory named like an image stands in for "cannot open"
+        (tmp_path / "inbox" / "x.dcm").mkdir(parents=True)
+        _png(tmp_path / "inbox" / "x.dcm" / "inside.png", 1.0)
+        process_paths([tmp_path / "inbox"], settings)
+        rows = _by_name(open_ledger(settings))
+        assert rows["inside.png"]["status"] == "done"
+        return
+    path = _png(tmp_path / "inbox" / "locked.png", 1.0)
+    path.chmod(0)
+    process_paths([tmp_path / "inbox"], settings)
+    rows = _by_name(open_ledger(settings))
+    assert rows["locked.png"]["status"] == "failed" and rows["locked.png"]["reason"]

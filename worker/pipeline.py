@@ -1,0 +1,214 @@
+"""The pipeline, wired in one place: register → claim → decode → cascade → record.
+
+Embedded mode calls these functions in-process; distributed mode calls the same ones from Celery
+tasks, so there is one implementation of every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+from db import (
+    ClaimedImage,
+    FailureRecord,
+    NewImage,
+    PredictionRecord,
+    record_results,
+    register_images,
+    release_for_retry,
+)
+from ingest import (
+    DecodedImage,
+    FileVanishedError,
+    ImageMeta,
+    IngestError,
+    check_acceptance,
+    read_header,
+    read_image,
+    sha256_file,
+)
+from models.bundle import Bundle
+from models.cascade import run_cascade
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def worker_id() -> str:
+    """A name for this process in lease columns: host and pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def study_key(meta: ImageMeta) -> str:
+    """The study an image belongs to: DICOM StudyInstanceUID, else its MURA study folder, else
+    the file stands alone."""
+    return meta.study_uid or meta.mura_study or f"file:{meta.sha256[:16]}"
+
+
+def describe_file(path: Path, settings: Settings, *, salt: str, queue: str) -> NewImage:
+    """Read a file's header into a ledger row; a bad or refused file becomes a finished row."""
+    try:
+        meta = read_header(
+            path, salt=salt, max_pixels=settings.max_pixels, max_bytes=settings.max_file_bytes
+        )
+    except IngestError as exc:
+        sha = size = None
+        if not isinstance(exc, FileVanishedError):
+            try:
+                sha, size = sha256_file(path), path.stat().st_size
+            except OSError:
+                pass
+        return NewImage(
+            path=str(path), sha256=sha, size_bytes=size, format=None, queue=queue,
+            status=exc.status, error_class=exc.error_class, reason=exc.reason,
+        )
+    status, error_class, reason = "queued", None, None
+    try:
+        check_acceptance(meta)
+    except IngestError as exc:
+        status, error_class, reason = exc.status, exc.error_class, exc.reason
+    return NewImage(
+        path=meta.path, sha256=meta.sha256, size_bytes=meta.size_bytes, format=meta.format,
+        queue=queue, study_uid=study_key(meta), series_uid=meta.series_uid,
+        sop_instance_uid=meta.sop_instance_uid, sop_class_uid=meta.sop_class_uid,
+        patient_hash=meta.patient_hash, modality=meta.modality,
+        body_part_examined=meta.body_part_examined, view_position=meta.view_position,
+        rows=meta.rows, columns=meta.columns, mura_part=meta.mura_part,
+        mura_label=meta.mura_label, status=status, error_class=error_class, reason=reason,
+    )
+
+
+@dataclass
+class RegisterSummary:
+    seen: int = 0
+    new: int = 0
+    duplicates: int = 0
+    refused: int = 0
+
+
+def _chunks(items: Iterable[Path], size: int) -> Iterator[list[Path]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def register_paths(
+    engine: object,
+    paths: Iterable[Path],
+    settings: Settings,
+    *,
+    queue: str,
+    pool: Executor,
+    chunk_size: int = 256,
+    on_chunk: Callable[[list[int]], None] | None = None,
+) -> RegisterSummary:
+    """Give every file a ledger row, streaming in chunks so memory stays flat for big archives.
+
+    ``on_chunk`` receives the ids of the rows that were newly queued in each chunk.
+    """
+    summary = RegisterSummary()
+    salt = settings.salt()
+    for chunk in _chunks(paths, chunk_size):
+        rows = list(pool.map(lambda p: describe_file(p, settings, salt=salt, queue=queue), chunk))
+        registered = register_images(engine, rows)
+        summary.seen += len(chunk)
+        queued = []
+        for reg in registered:
+            if not reg.created:
+                continue
+            summary.new += 1
+            if reg.status == "duplicate":
+                summary.duplicates += 1
+            elif reg.status == "queued":
+                queued.append(reg.image_id)
+            else:
+                summary.refused += 1
+        if on_chunk is not None:
+            on_chunk(queued)
+    return summary
+
+
+class FileChangedError(IngestError):
+    """The bytes on disk differ from the ones that were registered."""
+
+
+@dataclass(frozen=True)
+class DecodedBatch:
+    """A claimed batch after decoding: images ready for the cascade, and the files that failed."""
+
+    images: list[tuple[ClaimedImage, DecodedImage, float]]  # (claim, image, decode seconds)
+    failures: list[FailureRecord]
+    transient: list[tuple[ClaimedImage, str]]
+
+
+def decode_claimed(claimed: Sequence[ClaimedImage], settings: Settings, pool: Executor) -> DecodedBatch:
+    """Decode claimed files in ``pool``; bad files become failures, I/O errors transient."""
+    salt = settings.salt()
+
+    def decode(item: ClaimedImage) -> tuple[ClaimedImage, object, float]:
+        t0 = time.perf_counter()
+        try:
+            image = read_image(
+                item.path, salt=salt, max_pixels=settings.max_pixels,
+                max_bytes=settings.max_file_bytes,
+            )
+            check_acceptance(image.meta)
+            if item.sha256 and image.meta.sha256 != item.sha256:
+                raise FileChangedError(
+                    "the file changed after it was registered; its new content is registered "
+                    "as a separate image when it is seen again"
+                )
+            return item, image, time.perf_counter() - t0
+        except (IngestError, OSError) as exc:
+            return item, exc, time.perf_counter() - t0
+
+    batch = DecodedBatch([], [], [])
+    for item, result, seconds in pool.map(decode, claimed):
+        if isinstance(result, DecodedImage):
+            batch.images.append((item, result, seconds))
+        elif isinstance(result, IngestError):
+            batch.failures.append(
+                FailureRecord(item.image_id, result.status, result.error_class, result.reason)
+            )
+        else:
+            batch.transient.append((item, f"{type(result).__name__}: {result}"))
+    return batch
+
+
+def infer_and_record(engine: object, bundle: Bundle, batch: DecodedBatch, settings: Settings) -> int:
+    """Run the cascade on a decoded batch and write every outcome to the ledger in one go.
+
+    Returns:
+        The number of images that finished (predicted, refused or failed).
+    """
+    images = [image for _, image, _ in batch.images]
+    predictions = run_cascade(images, bundle, batch_size=settings.batch_size)
+    records = []
+    for (claim, image, decode_s), pred in zip(batch.images, predictions, strict=True):
+        records.append(
+            PredictionRecord(
+                image_id=claim.image_id, bundle_name=bundle.name, bundle_version=bundle.version,
+                status=pred.status, reason=pred.reason, body_part_probs=pred.body_part_probs,
+                body_part=pred.body_part, body_part_confidence=pred.body_part_confidence,
+                body_part_examined=pred.body_part_examined,
+                body_part_disagrees=pred.body_part_disagrees, p_fracture=pred.p_fracture,
+                label=pred.label, threshold=pred.threshold, fracture_model=pred.fracture_model,
+                timings={"decode_ms": round(1000 * decode_s, 3), **pred.timings},
+                rows=image.meta.rows, columns=image.meta.columns,
+            )
+        )
+    record_results(engine, records, batch.failures)
+    for claim, reason in batch.transient:
+        release_for_retry(
+            engine, [claim.image_id], error_class="TransientIOError", reason=reason,
+            max_attempts=settings.max_attempts,
+        )
+    return len(records) + len(batch.failures)

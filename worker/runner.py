@@ -1,0 +1,168 @@
+"""Embedded mode: the in-process runner behind ``bonewatch process`` and ``bonewatch watch``.
+
+Decoding of the next batch runs in a thread pool while the current batch is in the models, so the
+cores are busy with inference rather than waiting on file reads. Claiming and recording go through
+the same ledger functions as distributed mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from db import claim_batch, count_by_status, make_engine, reclaim_expired, upgrade
+from ingest import InboxWatcher, iter_candidate_files
+from models.bundle import Bundle, load_bundle
+from worker.pipeline import (
+    DecodedBatch,
+    RegisterSummary,
+    decode_claimed,
+    infer_and_record,
+    register_paths,
+    worker_id,
+)
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def open_ledger(settings: Settings) -> object:
+    """An engine on the configured database; SQLite is migrated on the spot (embedded default)."""
+    url = settings.resolved_database_url
+    if url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(url)
+    return make_engine(url)
+
+
+@dataclass
+class DrainSummary:
+    finished: int = 0
+    batches: int = 0
+
+
+def drain(
+    engine: object,
+    bundle: Bundle,
+    settings: Settings,
+    pool: ThreadPoolExecutor,
+    *,
+    queues: tuple[str, ...] | None = None,
+    on_finished: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> DrainSummary:
+    """Process queued images until none are left (or ``stop`` is set)."""
+    me = worker_id()
+    ready: queue.Queue[DecodedBatch | BaseException | None] = queue.Queue(maxsize=2)
+    stop = stop or threading.Event()
+
+    def produce() -> None:
+        try:
+            while not stop.is_set():
+                claimed = claim_batch(
+                    engine, limit=settings.batch_size, lease_seconds=settings.lease_seconds,
+                    worker_id=me, queues=queues,
+                )
+                if not claimed:
+                    break
+                ready.put(decode_claimed(claimed, settings, pool))
+            ready.put(None)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            ready.put(exc)
+
+    producer = threading.Thread(target=produce, name="bonewatch-decode", daemon=True)
+    producer.start()
+    summary = DrainSummary()
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            done = infer_and_record(engine, bundle, item, settings)
+            summary.finished += done
+            summary.batches += 1
+            if on_finished is not None:
+                on_finished(done)
+    finally:
+        stop.set()
+        while producer.is_alive():
+            try:
+                ready.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        producer.join()
+    return summary
+
+
+def process_paths(
+    paths: Iterable[Path],
+    settings: Settings,
+    *,
+    on_registered: Callable[[int], None] | None = None,
+    on_queued: Callable[[int], None] | None = None,
+    on_finished: Callable[[int], None] | None = None,
+) -> tuple[RegisterSummary, DrainSummary]:
+    """Register every file under ``paths`` on the bulk queue, then process all queued work."""
+    engine = open_ledger(settings)
+    bundle = load_bundle(settings.bundle)
+    reclaim_expired(engine)
+    with ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="bonewatch-io") as pool:
+
+        def chunk_done(queued_ids: list[int]) -> None:
+            if on_queued is not None:
+                on_queued(len(queued_ids))
+
+        files = iter_candidate_files(paths, follow_symlinks=settings.follow_symlinks)
+        if on_registered is not None:
+            files = _counting(files, on_registered)
+        registered = register_paths(
+            engine, files, settings, queue="bulk", pool=pool, on_chunk=chunk_done
+        )
+        drained = drain(engine, bundle, settings, pool, on_finished=on_finished)
+    return registered, drained
+
+
+def _counting(items: Iterable[Path], tick: Callable[[int], None]) -> Iterable[Path]:
+    for item in items:
+        tick(1)
+        yield item
+
+
+def watch_inbox(
+    inbox: Path,
+    settings: Settings,
+    *,
+    stop: threading.Event,
+    on_event: Callable[[str], None] = log.info,
+) -> None:
+    """Follow ``inbox`` until ``stop`` is set: register complete files and process them."""
+    engine = open_ledger(settings)
+    bundle = load_bundle(settings.bundle)
+    reclaim_expired(engine)
+    with (
+        ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="bonewatch-io") as pool,
+        InboxWatcher(
+            inbox, poll=settings.poll, poll_interval=settings.poll_interval,
+            settle_seconds=settings.settle_seconds, follow_symlinks=settings.follow_symlinks,
+        ) as watcher,
+    ):
+        on_event(f"watching {inbox} ({'polling' if settings.poll else 'file events'})")
+        while not stop.is_set():
+            files = watcher.ready(timeout=0.5)
+            if files:
+                reg = register_paths(engine, files, settings, queue="live", pool=pool)
+                on_event(
+                    f"registered {reg.new} new file(s): {reg.duplicates} duplicate(s), "
+                    f"{reg.refused} refused"
+                )
+            summary = drain(engine, bundle, settings, pool, stop=None)
+            if summary.finished:
+                counts = count_by_status(engine)
+                on_event(
+                    f"finished {summary.finished} image(s); ledger: "
+                    + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+                )
