@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= bonewatch-data
 export BONEWATCH_DATA_DIR := $(DATA_DIR)
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean demo-bundle
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,12 @@ lint: $(VENV)/.installed-test
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .pytest_cache
+
+# Rebuild the shipped demo bundle from phantoms (seeds 1-2; the tests evaluate on unseen seeds).
+DEMO_BUNDLE := models/bundles/demo-phantom
+demo-bundle: $(VENV)/.installed
+	rm -rf build/demo-phantoms
+	$(BIN)/bonewatch synth build/demo-phantoms --studies 1600 --format both --seed 1
+	$(BIN)/bonewatch train build/demo-phantoms --out $(DEMO_BUNDLE) --name demo-phantom \
+	  --version 1.0.0 --seed 1 \
+	  --intended-use "Demonstration only: trained on synthetic phantoms from 'bonewatch synth'. Not for clinical use: it has never seen a real radiograph."

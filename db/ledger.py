@@ -926,9 +926,7 @@ def query_results(
             "body_part_confidence": r.body_part_confidence,
             # The model's copy of the header value if it ran, else the registered one.
             "body_part_examined": (
-                r.body_part_examined
-                if r.bundle_name is not None
-                else r.image_body_part_examined
+                r.body_part_examined if r.bundle_name is not None else r.image_body_part_examined
             ),
             "body_part_disagrees": r.body_part_disagrees,
             "p_fracture": r.p_fracture,

@@ -6,7 +6,6 @@ Reading follows the DICOM grey pipeline (PS3.3 C.11, PS3.4 N.2): stored values -
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import io
 import logging
@@ -171,8 +170,17 @@ def _parse_or_raise(fp: BinaryIO) -> _Header:
         raise
     except (EOFError, struct.error) as exc:
         raise TruncatedFileError(f"DICOM header ends early: {exc}") from exc
-    except (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, OSError,
-            NotImplementedError, OverflowError, UnicodeError) as exc:
+    except (
+        InvalidDicomError,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        OSError,
+        NotImplementedError,
+        OverflowError,
+        UnicodeError,
+    ) as exc:
         raise CorruptFileError(f"DICOM header cannot be parsed: {exc}") from exc
 
 
@@ -299,8 +307,17 @@ def decode_dicom(data: bytes) -> np.ndarray:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except (EOFError, struct.error) as exc:
         raise TruncatedFileError(f"DICOM file ends early: {exc}") from exc
-    except (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, OSError,
-            NotImplementedError, OverflowError, UnicodeError) as exc:
+    except (
+        InvalidDicomError,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        OSError,
+        NotImplementedError,
+        OverflowError,
+        UnicodeError,
+    ) as exc:
         raise CorruptFileError(f"DICOM file cannot be parsed: {exc}") from exc
 
     if not any(k in ds for k in _PIXEL_KEYWORDS):
@@ -319,8 +336,16 @@ def decode_dicom(data: bytes) -> np.ndarray:
         raise
     except MemoryError:
         raise
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError,
-            ZeroDivisionError, struct.error) as exc:
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        IndexError,
+        OverflowError,
+        ZeroDivisionError,
+        struct.error,
+    ) as exc:
         raise CorruptFileError(f"DICOM image attributes are inconsistent: {exc}") from exc
 
 
@@ -505,9 +530,9 @@ def encode_dicom(
     ds = Dataset()
     ds.file_meta = meta
     ds.SpecificCharacterSet = "ISO_IR 192"
-    now = dt.datetime.now(dt.UTC)
-    ds.InstanceCreationDate = now.strftime("%Y%m%d")
-    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    # No wall-clock timestamps: the same pixels and UIDs must give the same bytes (phantoms
+    # are reproducible from their seed).
+    ds.InstanceCreationDate = study_date
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
     ds.StudyDate = study_date

@@ -51,18 +51,75 @@ _PART_WORDS: dict[str, str] = {
 # Regions that are plainly not an upper limb (DICOM PS3.16 body part terms and common free text).
 _OTHER_REGION_WORDS: frozenset[str] = frozenset(
     {
-        "ABD", "ABDOMEN", "ANKLE", "ANKLES", "BRAIN", "BREAST", "CALCANEUS", "CHEST", "COCCYX",
-        "CSPINE", "FACE", "FEET", "FEMUR", "FIBULA", "FOOT", "HEAD", "HEART", "HEEL", "HIP",
-        "HIPS", "JAW", "KNEE", "KNEES", "LEG", "LEGS", "LSPINE", "LUNG", "LUNGS", "MANDIBLE",
-        "NECK", "ORBIT", "PATELLA", "PELVIS", "RIB", "RIBS", "SACRUM", "SINUS", "SINUSES",
-        "SKULL", "SPINE", "SSPINE", "STERNUM", "TEETH", "THIGH", "THORAX", "TIBIA", "TMJ",
-        "TOE", "TOES", "TSPINE", "WHOLEBODY", "LOWEREXTREMITY", "LOWERLIMB", "LOWERLEG",
+        "ABD",
+        "ABDOMEN",
+        "ANKLE",
+        "ANKLES",
+        "BRAIN",
+        "BREAST",
+        "CALCANEUS",
+        "CHEST",
+        "COCCYX",
+        "CSPINE",
+        "FACE",
+        "FEET",
+        "FEMUR",
+        "FIBULA",
+        "FOOT",
+        "HEAD",
+        "HEART",
+        "HEEL",
+        "HIP",
+        "HIPS",
+        "JAW",
+        "KNEE",
+        "KNEES",
+        "LEG",
+        "LEGS",
+        "LSPINE",
+        "LUNG",
+        "LUNGS",
+        "MANDIBLE",
+        "NECK",
+        "ORBIT",
+        "PATELLA",
+        "PELVIS",
+        "RIB",
+        "RIBS",
+        "SACRUM",
+        "SINUS",
+        "SINUSES",
+        "SKULL",
+        "SPINE",
+        "SSPINE",
+        "STERNUM",
+        "TEETH",
+        "THIGH",
+        "THORAX",
+        "TIBIA",
+        "TMJ",
+        "TOE",
+        "TOES",
+        "TSPINE",
+        "WHOLEBODY",
+        "LOWEREXTREMITY",
+        "LOWERLIMB",
+        "LOWERLEG",
     }
 )
 # Compound DICOM terms run words together (ABDOMENPELVIS, CHESTABDPELVIS, TLSPINE), so these
 # unambiguous stems also count inside a longer word.
 _OTHER_REGION_STEMS: tuple[str, ...] = (
-    "ABDOMEN", "ANKLE", "CHEST", "FEMUR", "KNEE", "PELVIS", "SKULL", "SPINE", "THORAX", "TIBIA",
+    "ABDOMEN",
+    "ANKLE",
+    "CHEST",
+    "FEMUR",
+    "KNEE",
+    "PELVIS",
+    "SKULL",
+    "SPINE",
+    "THORAX",
+    "TIBIA",
 )
 # Laterality words say nothing about the region.
 _LATERALITY_WORDS: frozenset[str] = frozenset(
@@ -79,7 +136,7 @@ def _words(value: str) -> list[str]:
 
 def _candidates(words: list[str]) -> list[str]:
     """Single words, adjacent pairs and the whole value run together ("UPPER ARM" -> UPPERARM)."""
-    pairs = [a + b for a, b in zip(words, words[1:])]
+    pairs = [a + b for a, b in zip(words, words[1:], strict=False)]
     return [*words, *pairs, "".join(words)]
 
 
@@ -133,11 +190,7 @@ def check_acceptance(meta: ImageMeta) -> None:
             f"modality {modality} is not a projection radiograph; bonewatch reads CR, DX and RG"
         )
     body_part = (meta.body_part_examined or "").strip()
-    if (
-        body_part
-        and not _names_any_mura_part(body_part)
-        and _names_other_region(body_part)
-    ):
+    if body_part and not _names_any_mura_part(body_part) and _names_other_region(body_part):
         raise UnsupportedBodyPartError(
             f"body part {body_part.upper()} is outside the upper limb; bonewatch reads "
             + ", ".join(MURA_PARTS)

@@ -54,8 +54,17 @@ def _pillow_error(exc: Exception, fmt: str) -> IngestError:
 # What Pillow and its codecs raise on malformed input. OSError covers "broken data stream" and
 # "image file is truncated"; callers hand in in-memory or guarded streams, so an OSError here
 # never comes from the disk.
-_BAD_BYTES = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error,
-              zlib.error, Image.DecompressionBombError)
+_BAD_BYTES = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    TypeError,
+    struct.error,
+    zlib.error,
+    Image.DecompressionBombError,
+)
 
 
 def read_raster_size(fp: BinaryIO, fmt: str) -> tuple[int, int]:

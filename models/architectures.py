@@ -30,7 +30,9 @@ def _small_cnn_features(x: Any, width: int) -> Any:
 
     for i, filters in enumerate((width, width * 2, width * 4, width * 4)):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
-        x = layers.BatchNormalization(name=f"bn{i}")(x)
+        # momentum 0.9: with few steps per epoch the default 0.99 leaves the moving
+        # statistics far from the batch ones, and inference then differs from training.
+        x = layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)
         x = layers.Activation("relu", name=f"relu{i}")(x)
         if i < 3:
             x = layers.MaxPooling2D(2, name=f"pool{i}")(x)

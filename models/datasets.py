@@ -110,10 +110,11 @@ def load_dataset(root: str | Path) -> list[Sample]:
 
 
 def fingerprint(samples: Sequence[Sample]) -> str:
-    """A sha256 over the sorted (relative path, part, label) triples: same data, same print."""
+    """A sha256 over every image's study, name, labels and content: same data, same print."""
     digest = hashlib.sha256()
-    for s in sorted(samples, key=lambda s: s.study + "/" + s.path.name):
-        digest.update(f"{s.study}/{s.path.name}|{s.part}|{s.label}\n".encode())
+    for s in sorted(samples, key=lambda s: (s.study, s.path.name)):
+        content = hashlib.sha256(s.path.read_bytes()).hexdigest()
+        digest.update(f"{s.study}/{s.path.name}|{s.part}|{s.label}|{content}\n".encode())
     return digest.hexdigest()
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score
 
-from ingest import IngestError, MURA_PARTS, read_image
+from ingest import MURA_PARTS, IngestError, read_image
 from models.bundle import OTHER, Bundle
 from models.cascade import Prediction, run_cascade
 from models.datasets import Sample
@@ -155,9 +155,11 @@ def compute_metrics(scored: Sequence[Scored], labels: Sequence[str]) -> dict[str
         "n_images": len(scored),
         "n_unreadable": len(scored) - len(readable),
         "n_rejected": sum(
-            1 for s in readable if s.sample.part != OTHER and s.prediction.p_fracture is None  # type: ignore[union-attr]
+            1
+            for s in readable
+            if s.sample.part != OTHER and s.prediction.p_fracture is None  # type: ignore[union-attr]
         ),
-        "body_part_accuracy": float(np.mean([a == b for a, b in zip(y_part, p_part)]))
+        "body_part_accuracy": float(np.mean([a == b for a, b in zip(y_part, p_part, strict=True)]))
         if readable
         else None,
         "body_part_labels": list(labels),

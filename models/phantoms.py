@@ -169,7 +169,9 @@ def _plate(poly: list[tuple[float, float]], *, density: float = 0.6, rim: float 
     return _Bone(outer, inner, outer[:2], np.zeros(2), density, 0.6, None)
 
 
-def _envelope(ctrl: list[tuple[float, float]], profile: list[float], cap: float = 1.0) -> np.ndarray:
+def _envelope(
+    ctrl: list[tuple[float, float]], profile: list[float], cap: float = 1.0
+) -> np.ndarray:
     """A soft-tissue outline around a centre line."""
     return _shaft(ctrl, profile, cap=cap, span=None, n=16).outer
 
@@ -251,8 +253,9 @@ def _elbow(rng: np.random.Generator) -> _Scene:
         )
     )
     s.bones.append(
-        _blob(pt(j), 0.11 * w, 0.065 * w, np.degrees(np.arctan2(perp_up[1], perp_up[0])),
-              cortex=0.2)
+        _blob(
+            pt(j), 0.11 * w, 0.065 * w, np.degrees(np.arctan2(perp_up[1], perp_up[0])), cortex=0.2
+        )
     )
     # Radius and ulna side by side below the joint; the ulna carries the olecranon.
     s.bones.append(
@@ -278,32 +281,66 @@ def _wrist(rng: np.random.Generator) -> _Scene:
     dy = rng.uniform(-0.05, 0.05)
     s.soft.append((_envelope([(0, -0.65), (0, 0.65)], [0.21 * w, 0.23 * w, 0.26 * w]), 0.38))
     s.bones.append(
-        _shaft([(-0.06 * w, -0.65), (-0.07 * w, -0.09 + dy)], np.array([0.045, 0.05, 0.1]) * w,
-               span=(0.55, 0.95), cap=0.35)
+        _shaft(
+            [(-0.06 * w, -0.65), (-0.07 * w, -0.09 + dy)],
+            np.array([0.045, 0.05, 0.1]) * w,
+            span=(0.55, 0.95),
+            cap=0.35,
+        )
     )
     s.bones.append(
-        _shaft([(0.11 * w, -0.65), (0.1 * w, -0.1 + dy)], np.array([0.03, 0.032, 0.042]) * w,
-               span=(0.55, 0.95))
+        _shaft(
+            [(0.11 * w, -0.65), (0.1 * w, -0.1 + dy)],
+            np.array([0.03, 0.032, 0.042]) * w,
+            span=(0.55, 0.95),
+        )
     )
     # Two carpal rows of rounded blocks.
-    proximal = [(-0.12, 0.0, 0.05, 0.03, -30, (0.25, 0.75)), (-0.03, -0.01, 0.038, 0.034, 0, None),
-                (0.055, 0.0, 0.035, 0.03, 10, None), (0.11, 0.02, 0.022, 0.022, 0, None)]
-    distal = [(-0.13, 0.1, 0.032, 0.03, 20, None), (-0.075, 0.11, 0.026, 0.03, 0, None),
-              (-0.01, 0.1, 0.038, 0.048, 0, None), (0.07, 0.1, 0.038, 0.04, 0, None)]
+    proximal = [
+        (-0.12, 0.0, 0.05, 0.03, -30, (0.25, 0.75)),
+        (-0.03, -0.01, 0.038, 0.034, 0, None),
+        (0.055, 0.0, 0.035, 0.03, 10, None),
+        (0.11, 0.02, 0.022, 0.022, 0, None),
+    ]
+    distal = [
+        (-0.13, 0.1, 0.032, 0.03, 20, None),
+        (-0.075, 0.11, 0.026, 0.03, 0, None),
+        (-0.01, 0.1, 0.038, 0.048, 0, None),
+        (0.07, 0.1, 0.038, 0.04, 0, None),
+    ]
     for x, y, rx, ry, ang, span in proximal + distal:
         s.bones.append(
-            _blob((x * w, (y + dy) * w), rx * w, ry * w, ang + rng.uniform(-8, 8), power=2.6,
-                  cortex=0.28, span=span)
+            _blob(
+                (x * w, (y + dy) * w),
+                rx * w,
+                ry * w,
+                ang + rng.uniform(-8, 8),
+                power=2.6,
+                cortex=0.28,
+                span=span,
+            )
         )
     for i, x in enumerate([-0.075, -0.02, 0.035, 0.085]):
-        a = -6 + 5 * i + rng.uniform(-3, 3)
+        a = 8 - 5 * i + rng.uniform(-3, 3)
         base = np.array([x * w, (0.18 + dy) * w])
         tip = base + _unit(a) * 0.6
-        s.bones.append(_shaft([tuple(base), tuple(tip)], np.array([0.03, 0.022, 0.022]) * w,
-                              span=(0.05, 0.45), cap=0.5))
+        s.bones.append(
+            _shaft(
+                [tuple(base), tuple(tip)],
+                np.array([0.03, 0.022, 0.022]) * w,
+                span=(0.05, 0.45),
+                cap=0.5,
+            )
+        )
     thumb = np.array([-0.15 * w, (0.14 + dy) * w])
-    s.bones.append(_shaft([tuple(thumb), tuple(thumb + _unit(40 + rng.uniform(-8, 8)) * 0.4)],
-                          np.array([0.032, 0.024, 0.026]) * w, span=(0.05, 0.45), cap=0.5))
+    s.bones.append(
+        _shaft(
+            [tuple(thumb), tuple(thumb + _unit(40 + rng.uniform(-8, 8)) * 0.4)],
+            np.array([0.032, 0.024, 0.026]) * w,
+            span=(0.05, 0.45),
+            cap=0.5,
+        )
+    )
     return s
 
 
@@ -325,8 +362,9 @@ def _digit(
         d = _unit(angle)
         q = p + d * length
         s.bones.append(
-            _shaft([tuple(p), tuple(q)], [width * 1.25, width * 0.9, width * 1.15],
-                   span=span, cap=0.55)
+            _shaft(
+                [tuple(p), tuple(q)], [width * 1.25, width * 0.9, width * 1.15], span=span, cap=0.55
+            )
         )
         p = q + d * joint_gap
         chain.append(tuple(p))
@@ -339,28 +377,58 @@ def _hand(rng: np.random.Generator) -> _Scene:
     w = rng.uniform(0.92, 1.08)
     spread = rng.uniform(0.7, 1.3)
     s.soft.append((_envelope([(0.0, 0.7), (0.0, 0.05)], [0.14 * w, 0.18 * w, 0.17 * w]), 0.35))
-    s.bones.append(_shaft([(-0.06, 0.75), (-0.055, 0.42)], np.array([0.045, 0.065]) * w,
-                          span=None, cap=0.35))
-    s.bones.append(_shaft([(0.07, 0.75), (0.065, 0.43)], np.array([0.03, 0.032]) * w,
-                          span=None))
-    for x, y, r in [(-0.06, 0.37, 0.03), (-0.005, 0.37, 0.027), (0.05, 0.37, 0.025),
-                    (-0.075, 0.31, 0.025), (-0.03, 0.3, 0.023), (0.015, 0.3, 0.03),
-                    (0.065, 0.31, 0.027)]:
-        s.bones.append(_blob((x * w, y), r * w, r * w * rng.uniform(0.85, 1.15),
-                             rng.uniform(0, 90), power=2.5, cortex=0.3))
+    s.bones.append(
+        _shaft([(-0.06, 0.75), (-0.055, 0.42)], np.array([0.045, 0.065]) * w, span=None, cap=0.35)
+    )
+    s.bones.append(_shaft([(0.07, 0.75), (0.065, 0.43)], np.array([0.03, 0.032]) * w, span=None))
+    for x, y, r in [
+        (-0.06, 0.37, 0.03),
+        (-0.005, 0.37, 0.027),
+        (0.05, 0.37, 0.025),
+        (-0.075, 0.31, 0.025),
+        (-0.03, 0.3, 0.023),
+        (0.015, 0.3, 0.03),
+        (0.065, 0.31, 0.027),
+    ]:
+        s.bones.append(
+            _blob(
+                (x * w, y),
+                r * w,
+                r * w * rng.uniform(0.85, 1.15),
+                rng.uniform(0, 90),
+                power=2.5,
+                cortex=0.3,
+            )
+        )
     # Index to little finger: metacarpal then three phalanges, fanning out.
     meta_len = [0.2, 0.19, 0.175, 0.16]
     prox_len = [0.12, 0.13, 0.12, 0.1]
     for i in range(4):
         angle = 180 + (-10 + 7 * i) * spread + rng.uniform(-2, 2)
         base = np.array([(-0.045 + 0.035 * i) * w, 0.26])
-        _digit(s, base, angle, [meta_len[i] * w, prox_len[i] * w, 0.075 * w, 0.05 * w],
-               [0.018 * w, 0.016 * w, 0.014 * w, 0.012 * w], rng,
-               [(0.2, 0.85), (0.2, 0.8), None, None], 0.014, 0.03 * w)
+        _digit(
+            s,
+            base,
+            angle,
+            [meta_len[i] * w, prox_len[i] * w, 0.075 * w, 0.05 * w],
+            [0.021 * w, 0.019 * w, 0.016 * w, 0.013 * w],
+            rng,
+            [(0.25, 0.85), (0.2, 0.8), None, None],
+            0.014,
+            0.034 * w,
+        )
     thumb_angle = 180 - 40 * spread + rng.uniform(-5, 5)
-    _digit(s, np.array([-0.085 * w, 0.28]), thumb_angle, [0.13 * w, 0.09 * w, 0.06 * w],
-           [0.02 * w, 0.017 * w, 0.014 * w], rng, [(0.2, 0.8), (0.2, 0.8), None], 0.014,
-           0.035 * w)
+    _digit(
+        s,
+        np.array([-0.085 * w, 0.28]),
+        thumb_angle,
+        [0.13 * w, 0.09 * w, 0.06 * w],
+        [0.02 * w, 0.017 * w, 0.014 * w],
+        rng,
+        [(0.2, 0.8), (0.2, 0.8), None],
+        0.014,
+        0.035 * w,
+    )
     return _zoom(s, 1.3, (0.0, 0.12))
 
 
@@ -381,9 +449,17 @@ def _finger(rng: np.random.Generator) -> _Scene:
     w = rng.uniform(0.85, 1.1)
     base = np.array([rng.uniform(-0.03, 0.03), 0.75])
     angle = 180 + rng.uniform(-6, 6)
-    _digit(s, base, angle, [0.4 * w, 0.3 * w, 0.2 * w, 0.13 * w],
-           [0.06 * w, 0.058 * w, 0.05 * w, 0.042 * w], rng,
-           [(0.45, 0.9), (0.15, 0.85), (0.15, 0.85), (0.2, 0.7)], 0.03 * w, 0.12 * w)
+    _digit(
+        s,
+        base,
+        angle,
+        [0.4 * w, 0.3 * w, 0.2 * w, 0.13 * w],
+        [0.06 * w, 0.058 * w, 0.05 * w, 0.042 * w],
+        rng,
+        [(0.45, 0.9), (0.15, 0.85), (0.15, 0.85), (0.2, 0.7)],
+        0.03 * w,
+        0.12 * w,
+    )
     return s
 
 
@@ -395,24 +471,44 @@ def _shoulder(rng: np.random.Generator) -> _Scene:
     s.soft.append((_envelope([tuple(h), (h[0] + 0.05, 0.7)], [0.18, 0.17]), 0.2))
     for k in range(3):  # faint ribs behind the scapula
         y = -0.05 + 0.14 * k
-        s.bones.append(_shaft([(-0.55, y), (-0.35, y - 0.06), (-0.12, y + 0.08)],
-                              [0.014, 0.014], density=0.45, cortex=0.5, span=None, n=16))
-    s.bones.append(_plate([(h[0] - 0.15, -0.1), (-0.5, -0.14), (-0.4, 0.45),
-                           (h[0] - 0.16, 0.12)], density=0.5))
+        s.bones.append(
+            _shaft(
+                [(-0.55, y), (-0.35, y - 0.06), (-0.12, y + 0.08)],
+                [0.014, 0.014],
+                density=0.45,
+                cortex=0.5,
+                span=None,
+                n=16,
+            )
+        )
+    s.bones.append(
+        _plate([(h[0] - 0.15, -0.1), (-0.5, -0.14), (-0.4, 0.45), (h[0] - 0.16, 0.12)], density=0.5)
+    )
     s.bones.append(_blob((h[0] - 0.135, h[1] + 0.01), 0.03 * w, 0.085 * w, 0.0, cortex=0.35))
     s.bones.append(_blob(tuple(h), 0.11 * w, 0.105 * w, cortex=0.15, marrow=0.6))
     s.bones.append(_blob((h[0] + 0.085 * w, h[1] - 0.01), 0.045 * w, 0.05 * w, cortex=0.2))
     s.bones.append(
-        _shaft([(h[0] + 0.01, h[1] + 0.06), (h[0] + 0.03, 0.45), (h[0] + 0.05, 0.8)],
-               np.array([0.085, 0.06, 0.055, 0.055]) * w, span=(0.05, 0.5), cap=0.4)
+        _shaft(
+            [(h[0] + 0.01, h[1] + 0.06), (h[0] + 0.03, 0.45), (h[0] + 0.05, 0.8)],
+            np.array([0.085, 0.06, 0.055, 0.055]) * w,
+            span=(0.05, 0.5),
+            cap=0.4,
+        )
     )
     s.bones.append(
-        _shaft([(h[0] - 0.45, -0.22), (h[0] - 0.15, -0.21), (h[0] + 0.05, -0.15)],
-               np.array([0.02, 0.026, 0.04]) * w, density=0.8, span=None)
+        _shaft(
+            [(h[0] - 0.45, -0.22), (h[0] - 0.15, -0.21), (h[0] + 0.05, -0.15)],
+            np.array([0.02, 0.026, 0.04]) * w,
+            density=0.8,
+            span=None,
+        )
     )
     s.bones.append(
-        _shaft([(-0.6, -0.38), (h[0] - 0.3, -0.33), (h[0] + 0.02, -0.22)],
-               np.array([0.035, 0.028, 0.032]) * w, span=(0.35, 0.85))
+        _shaft(
+            [(-0.6, -0.38), (h[0] - 0.3, -0.33), (h[0] + 0.02, -0.22)],
+            np.array([0.035, 0.028, 0.032]) * w,
+            span=(0.35, 0.85),
+        )
     )
     return s
 
@@ -426,16 +522,32 @@ def _chest(rng: np.random.Generator) -> _Scene:
         for k in range(10):
             y = -0.4 + 0.085 * k
             s.bones.append(
-                _shaft([(side * 0.03, y - 0.02), (side * 0.33 * w, y - 0.06),
-                        (side * 0.4 * w, y + 0.12)],
-                       [0.011, 0.013, 0.012], density=0.6, cortex=0.55, span=None, n=18)
+                _shaft(
+                    [
+                        (side * 0.03, y - 0.02),
+                        (side * 0.33 * w, y - 0.06),
+                        (side * 0.4 * w, y + 0.12),
+                    ],
+                    [0.011, 0.013, 0.012],
+                    density=0.6,
+                    cortex=0.55,
+                    span=None,
+                    n=18,
+                )
             )
-        s.bones.append(_shaft([(side * 0.05, -0.4), (side * 0.2, -0.43), (side * 0.35 * w, -0.46)],
-                              [0.02, 0.016, 0.018], density=0.9, span=None))
+        s.bones.append(
+            _shaft(
+                [(side * 0.05, -0.4), (side * 0.2, -0.43), (side * 0.35 * w, -0.46)],
+                [0.02, 0.016, 0.018],
+                density=0.9,
+                span=None,
+            )
+        )
     s.soft.append((_ellipse((0.06, 0.2), 0.17 * w, 0.14, rng.uniform(-10, 10)), 0.25))
     for k in range(11):
-        s.bones.append(_blob((0.0, -0.48 + 0.095 * k), 0.04, 0.036, power=3.0, density=0.8,
-                             cortex=0.3))
+        s.bones.append(
+            _blob((0.0, -0.48 + 0.095 * k), 0.04, 0.036, power=3.0, density=0.8, cortex=0.3)
+        )
     return s
 
 
@@ -444,16 +556,24 @@ def _knee(rng: np.random.Generator) -> _Scene:
     w = rng.uniform(0.9, 1.1)
     jy = rng.uniform(-0.05, 0.05)
     s.soft.append((_envelope([(0, -0.65), (0, 0.65)], [0.3 * w, 0.33 * w, 0.27 * w]), 0.45))
-    s.bones.append(_shaft([(0.0, -0.65), (0.0, jy - 0.1)], np.array([0.075, 0.08, 0.15]) * w,
-                          span=None, cap=0.4))
+    s.bones.append(
+        _shaft(
+            [(0.0, -0.65), (0.0, jy - 0.1)], np.array([0.075, 0.08, 0.15]) * w, span=None, cap=0.4
+        )
+    )
     for side in (-1, 1):
         s.bones.append(_blob((side * 0.07 * w, jy - 0.07), 0.075 * w, 0.06 * w, cortex=0.2))
-    s.bones.append(_shaft([(0.0, jy + 0.03), (0.01, 0.7)], np.array([0.15, 0.09, 0.065]) * w,
-                          span=None, cap=0.25))
-    s.bones.append(_shaft([(0.14 * w, jy + 0.08), (0.12 * w, 0.7)], np.array([0.03, 0.018]) * w,
-                          span=None))
-    s.bones.append(_blob((rng.uniform(-0.02, 0.02), jy - 0.16), 0.06 * w, 0.08 * w, density=0.75,
-                         cortex=0.25))
+    s.bones.append(
+        _shaft(
+            [(0.0, jy + 0.03), (0.01, 0.7)], np.array([0.15, 0.09, 0.065]) * w, span=None, cap=0.25
+        )
+    )
+    s.bones.append(
+        _shaft([(0.14 * w, jy + 0.08), (0.12 * w, 0.7)], np.array([0.03, 0.018]) * w, span=None)
+    )
+    s.bones.append(
+        _blob((rng.uniform(-0.02, 0.02), jy - 0.16), 0.06 * w, 0.08 * w, density=0.75, cortex=0.25)
+    )
     return s
 
 
@@ -462,18 +582,34 @@ def _pelvis(rng: np.random.Generator) -> _Scene:
     w = rng.uniform(0.9, 1.05)
     s.soft.append((_ellipse((0.0, 0.05), 0.62, 0.5), 0.5))
     s.bones.append(_blob((0.0, -0.33), 0.06, 0.035, power=3.0, density=0.8))
-    s.bones.append(_plate([(-0.09, -0.27), (0.09, -0.27), (0.05, 0.02), (0.0, 0.08),
-                           (-0.05, 0.02)], density=0.6))
+    s.bones.append(
+        _plate(
+            [(-0.09, -0.27), (0.09, -0.27), (0.05, 0.02), (0.0, 0.08), (-0.05, 0.02)], density=0.6
+        )
+    )
     for side in (-1, 1):
-        s.bones.append(_plate([(side * 0.09, -0.25), (side * 0.38 * w, -0.34),
-                               (side * 0.46 * w, -0.15), (side * 0.26 * w, 0.05),
-                               (side * 0.1, 0.0)], density=0.55))
+        s.bones.append(
+            _plate(
+                [
+                    (side * 0.09, -0.25),
+                    (side * 0.38 * w, -0.34),
+                    (side * 0.46 * w, -0.15),
+                    (side * 0.26 * w, 0.05),
+                    (side * 0.1, 0.0),
+                ],
+                density=0.55,
+            )
+        )
         head = (side * 0.23 * w, 0.09)
         s.bones.append(_blob(head, 0.06 * w, 0.06 * w, cortex=0.18))
-        s.bones.append(_blob((side * 0.13 * w, 0.22), 0.085 * w, 0.06 * w, cortex=0.35,
-                             marrow=0.0))
-        s.bones.append(_shaft([head, (side * 0.34 * w, 0.17), (side * 0.33 * w, 0.6)],
-                              np.array([0.04, 0.045, 0.06, 0.05]) * w, span=None))
+        s.bones.append(_blob((side * 0.13 * w, 0.22), 0.085 * w, 0.06 * w, cortex=0.35, marrow=0.0))
+        s.bones.append(
+            _shaft(
+                [head, (side * 0.34 * w, 0.17), (side * 0.33 * w, 0.6)],
+                np.array([0.04, 0.045, 0.06, 0.05]) * w,
+                span=None,
+            )
+        )
     return s
 
 
@@ -507,6 +643,8 @@ class _Fracture:
     move: np.ndarray  # 2x3 affine for the displaced fragment (identity when undisplaced)
     depth: float  # how much bone the gap removes, 0..1
     centre: np.ndarray
+    swelling: np.ndarray  # soft-tissue polygon around the break
+    swelling_density: float
 
 
 def _plan_fracture(bone_index: int, bone: _Bone, rng: np.random.Generator) -> _Fracture:
@@ -525,7 +663,7 @@ def _plan_fracture(bone_index: int, bone: _Bone, rng: np.random.Generator) -> _F
     phi = np.deg2rad(rng.uniform(-35, 35))
     across = normal * np.cos(phi) + tangent * np.sin(phi)
     half_len = hw * 1.2 / np.cos(phi)
-    width = rng.uniform(0.02, 0.03)
+    width = rng.uniform(0.03, 0.045)
     k = 9
     along = np.linspace(-half_len, half_len, k)
     jag = rng.uniform(-0.6, 0.6, k) * width
@@ -539,19 +677,30 @@ def _plan_fracture(bone_index: int, bone: _Bone, rng: np.random.Generator) -> _F
         [
             [line[0] - across * far],
             line,
-            [line[-1] + across * far, line[-1] + across * far + toward * far,
-             line[0] - across * far + toward * far],
+            [
+                line[-1] + across * far,
+                line[-1] + across * far + toward * far,
+                line[0] - across * far + toward * far,
+            ],
         ]
     )
     move = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    if rng.random() < 0.75:
-        shift = normal * rng.choice([-1, 1]) * rng.uniform(0.35, 0.9) * hw
+    if rng.random() < 0.95:
+        # Thin bones (phalanges, metacarpals) get a floor on the shift so the step in the
+        # cortex stays visible at the few-pixel widths a low-resolution model sees.
+        shift = normal * rng.choice([-1, 1]) * max(rng.uniform(0.6, 1.1) * hw, 0.02)
         shift = shift + toward * rng.uniform(-0.2, 0.3) * hw
         r = _rot(rng.uniform(-14, 14))
         move[:, :2] = r
         move[:, 2] = centre - r @ centre + shift
     depth = rng.uniform(0.9, 1.0)
-    return _Fracture(bone_index, gap, far_side, move, depth, centre)
+    # Soft-tissue swelling over the break: a real indirect sign, and one that survives
+    # downsampling better than the line itself.
+    radius = min(rng.uniform(2.5, 3.5) * hw, 0.15)
+    swelling = _ellipse(tuple(centre), radius, radius * rng.uniform(0.6, 1.0), rng.uniform(0, 180))
+    return _Fracture(
+        bone_index, gap, far_side, move, depth, centre, swelling, rng.uniform(0.15, 0.25)
+    )
 
 
 def _apply(affine: np.ndarray, pts: np.ndarray) -> np.ndarray:
@@ -682,8 +831,7 @@ def _marker(img: np.ndarray, letter: str, rng: np.random.Generator) -> None:
         draw.rectangle([2.5 * u, 2 * u, 7 * u, 3.2 * u], fill=ink)
         draw.rectangle([6 * u, 2 * u, 7.3 * u, 5.2 * u], fill=ink)
         draw.rectangle([2.5 * u, 4.3 * u, 7 * u, 5.5 * u], fill=ink)
-        draw.polygon([(4.5 * u, 5 * u), (6 * u, 5 * u), (8 * u, 8 * u), (6.5 * u, 8 * u)],
-                     fill=ink)
+        draw.polygon([(4.5 * u, 5 * u), (6 * u, 5 * u), (8 * u, 8 * u), (6.5 * u, 8 * u)], fill=ink)
     img[y0 : y0 + side, x0 : x0 + side] = np.asarray(block)
 
 
@@ -739,7 +887,9 @@ def draw_phantom(
     # Favour thick bones: their breaks are the ones a low-resolution model can learn.
     weights = np.array([scene.bones[i].half_width.mean() ** 2 for i in candidates], dtype=float)
     order = (
-        fracture_rng.choice(candidates, size=len(candidates), replace=False, p=weights / weights.sum())
+        fracture_rng.choice(
+            candidates, size=len(candidates), replace=False, p=weights / weights.sum()
+        )
         if candidates
         else []
     )
@@ -762,6 +912,7 @@ def draw_phantom(
         breaks.append(fallback[1])
     if not fractured:
         breaks = []
+    scene.soft.extend((f.swelling, f.swelling_density) for f in breaks)
 
     bones = np.zeros((h, w), dtype=np.float32)
     for i, bone in enumerate(scene.bones):

@@ -44,16 +44,18 @@ class TrainConfig:
     """Everything that decides a training run (recorded in the manifest)."""
 
     backbone: str = "small_cnn"
-    input_size: int = 96
+    input_size: int = 128
     epochs: int = 15
-    fracture_epochs: int = 25
+    fracture_epochs: int = 40
+    part_epochs: int = 10
     batch_size: int = 32
     learning_rate: float = 2e-3
-    patience: int = 5
+    patience: int = 8
     seed: int = 0
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     confidence_floor: float = 0.5
     width: int = 16
+    augment: str = "flip"  # "flip", or "full": flips, rotation, zoom and brightness
     weights: str | None = None
 
 
@@ -131,6 +133,7 @@ def _fit(
     *,
     loss: str,
     epochs: int,
+    learning_rate: float,
     config: TrainConfig,
     class_weight: dict[int, float],
     stage: str,
@@ -139,24 +142,31 @@ def _fit(
     import keras
     from keras import layers
 
-    augment = keras.Sequential(
-        [
-            layers.RandomFlip("horizontal"),
+    steps = [layers.RandomFlip("horizontal_and_vertical")]
+    if config.augment == "full":
+        steps += [
             layers.RandomRotation(0.08, fill_mode="constant"),
             layers.RandomZoom(0.1, fill_mode="constant"),
-        ],
-        name="augment",
-    )
+            layers.RandomBrightness(0.1, value_range=(0.0, 1.0)),
+        ]
+    augment = keras.Sequential(steps, name="augment")
     trainer = keras.Sequential([augment, model], name=f"train_{model.name}")
-    metrics = ["accuracy"] if loss.startswith("sparse") else [keras.metrics.AUC(name="auc")]
-    trainer.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate), loss=loss, metrics=metrics
-    )
+    if loss.startswith("sparse"):
+        metrics: list[Any] = ["accuracy"]
+        monitor, mode = "val_loss", "min"
+    else:
+        metrics = [keras.metrics.AUC(name="auc")]
+        monitor, mode = "val_auc", "max"
+    trainer.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics)
     callbacks = [
+        # Fracture models sit on a plateau for many epochs before the break "clicks"; watching
+        # validation AUROC rather than loss keeps early stopping from ending them there.
         keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=config.patience, restore_best_weights=True
+            monitor=monitor, mode=mode, patience=config.patience, restore_best_weights=True
         ),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor=monitor, mode=mode, factor=0.5, patience=max(config.patience // 2, 1)
+        ),
         _EpochReport(stage, epochs, report),
     ]
     history = trainer.fit(
@@ -218,9 +228,7 @@ def train_bundle(
     train, val, test = split_by_patient(samples, config.fractions, config.seed)
     if not train or not val:
         raise ValueError("too few patients to split into train and validation sets")
-    report(
-        f"split by patient: {len(train)} train, {len(val)} validation, {len(test)} test images"
-    )
+    report(f"split by patient: {len(train)} train, {len(val)} validation, {len(test)} test images")
     spec = default_spec(config.backbone, config.input_size)
     x_train = load_arrays(train, spec, salt=salt)
     x_val = load_arrays(val, spec, salt=salt)
@@ -230,16 +238,58 @@ def train_bundle(
     y_train = np.array([labels.index(s.part) for s in train])
     y_val = np.array([labels.index(s.part) for s in val])
     stage1 = build_classifier(
-        config.backbone, spec, len(labels), weights=config.weights, width=config.width,
+        config.backbone,
+        spec,
+        len(labels),
+        weights=config.weights,
+        width=config.width,
         name="body_part",
     )
     history["body_part"] = _fit(
-        stage1, x_train, y_train, x_val, y_val, loss="sparse_categorical_crossentropy",
-        epochs=config.epochs, config=config, class_weight=_class_weights(y_train, len(labels)),
-        stage="body part", report=report,
+        stage1,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        loss="sparse_categorical_crossentropy",
+        epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        config=config,
+        class_weight=_class_weights(y_train, len(labels)),
+        stage="body part",
+        report=report,
     )
     stage1.save(out / "body_part.keras")
 
+    # Fracture models, in two phases: first one model learns what a break looks like on every
+    # part's images; then each part's model starts from those weights and is fine-tuned on its
+    # own part at a lower rate. Parts with few studies profit from the others' examples.
+    tr_all = [i for i, s in enumerate(train) if s.part != OTHER]
+    va_all = [i for i, s in enumerate(val) if s.part != OTHER]
+    y_all = np.array([train[i].label for i in tr_all])
+    shared = build_classifier(
+        config.backbone,
+        spec,
+        1,
+        pooling="max",
+        weights=config.weights,
+        width=config.width,
+        name="fracture_shared",
+    )
+    history["fracture_shared"] = _fit(
+        shared,
+        x_train[tr_all],
+        y_all,
+        x_val[va_all],
+        np.array([val[i].label for i in va_all]),
+        loss="binary_crossentropy",
+        epochs=config.fracture_epochs,
+        learning_rate=config.learning_rate,
+        config=config,
+        class_weight=_class_weights(y_all, 2),
+        stage="fracture, all parts",
+        report=report,
+    )
     fracture: dict[str, dict[str, Any]] = {}
     for part in MURA_PARTS:
         tr = [i for i, s in enumerate(train) if s.part == part]
@@ -249,13 +299,28 @@ def train_bundle(
         yt = np.array([train[i].label for i in tr])
         yv = np.array([val[i].label for i in va])
         model = build_classifier(
-            config.backbone, spec, 1, pooling="max", weights=config.weights,
-            width=config.width, name=f"fracture_{part.lower()}",
+            config.backbone,
+            spec,
+            1,
+            pooling="max",
+            weights=config.weights,
+            width=config.width,
+            name=f"fracture_{part.lower()}",
         )
+        model.set_weights(shared.get_weights())
         history[part] = _fit(
-            model, x_train[tr], yt, x_val[va], yv, loss="binary_crossentropy",
-            epochs=config.fracture_epochs, config=config, class_weight=_class_weights(yt, 2),
-            stage=f"fracture {part.lower()}", report=report,
+            model,
+            x_train[tr],
+            yt,
+            x_val[va],
+            yv,
+            loss="binary_crossentropy",
+            epochs=config.part_epochs,
+            learning_rate=config.learning_rate / 5,
+            config=config,
+            class_weight=_class_weights(yt, 2),
+            stage=f"fracture {part.lower()}",
+            report=report,
         )
         probs = model.predict(x_val[va], verbose=0)[:, 0] if va else np.zeros(0)
         threshold = choose_threshold(*_study_means([val[i] for i in va], probs))

@@ -12,9 +12,9 @@ import shlex
 import signal
 import sys
 import threading
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off
 
@@ -47,18 +47,18 @@ out = Console()
 err = Console(stderr=True)
 
 
-class OutputFormat(str, Enum):
+class OutputFormat(StrEnum):
     table = "table"
     csv = "csv"
     json = "json"
 
 
-class Level(str, Enum):
+class Level(StrEnum):
     image = "image"
     study = "study"
 
 
-class SynthFormat(str, Enum):
+class SynthFormat(StrEnum):
     png = "png"
     dicom = "dicom"
     both = "both"
@@ -99,7 +99,7 @@ def _progress() -> Progress:
 
 
 BundleOpt = Annotated[
-    Optional[Path], typer.Option("--bundle", "-b", help="Model bundle folder (BONEWATCH_BUNDLE).")
+    Path | None, typer.Option("--bundle", "-b", help="Model bundle folder (BONEWATCH_BUNDLE).")
 ]
 
 
@@ -107,7 +107,7 @@ BundleOpt = Annotated[
 def process(
     paths: Annotated[list[Path], typer.Argument(help="Files and folders to process.")],
     bundle: BundleOpt = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
 ) -> None:
     """Register every file under PATHS, process them all, print a summary.
 
@@ -128,9 +128,7 @@ def process(
             paths,
             settings,
             on_registered=lambda n: progress.advance(seen, n),
-            on_queued=lambda n: progress.update(
-                work, total=(progress.tasks[work].total or 0) + n
-            ),
+            on_queued=lambda n: progress.update(work, total=(progress.tasks[work].total or 0) + n),
             on_finished=lambda n: progress.advance(work, n),
         )
         progress.update(seen, total=registered.seen)
@@ -146,9 +144,9 @@ def process(
 @app.command()
 def watch(
     inbox: Annotated[Path, typer.Argument(help="Folder to follow.")],
-    poll: Annotated[Optional[bool], typer.Option("--poll", help="Poll (network shares).")] = None,
+    poll: Annotated[bool | None, typer.Option("--poll", help="Poll (network shares).")] = None,
     settle: Annotated[
-        Optional[float], typer.Option(help="Seconds a file must stay unchanged.")
+        float | None, typer.Option(help="Seconds a file must stay unchanged.")
     ] = None,
     bundle: BundleOpt = None,
 ) -> None:
@@ -191,22 +189,28 @@ def _cell(value: Any) -> str:
 
 
 IMAGE_COLUMNS = [
-    "path", "status", "body_part", "body_part_confidence", "p_fracture", "label", "reason",
+    "path",
+    "status",
+    "body_part",
+    "body_part_confidence",
+    "p_fracture",
+    "label",
+    "reason",
 ]
 STUDY_COLUMNS = ["study_uid", "body_part", "n_images", "mean_p_fracture", "threshold", "label"]
 
 
 @app.command()
 def results(
-    study: Annotated[Optional[str], typer.Option(help="Study UID (or MURA study folder).")] = None,
-    part: Annotated[Optional[str], typer.Option(help="Body part, e.g. WRIST.")] = None,
-    label: Annotated[Optional[str], typer.Option(help="positive or negative.")] = None,
-    status: Annotated[Optional[str], typer.Option(help="queued, done, failed, ...")] = None,
+    study: Annotated[str | None, typer.Option(help="Study UID (or MURA study folder).")] = None,
+    part: Annotated[str | None, typer.Option(help="Body part, e.g. WRIST.")] = None,
+    label: Annotated[str | None, typer.Option(help="positive or negative.")] = None,
+    status: Annotated[str | None, typer.Option(help="queued, done, failed, ...")] = None,
     since: Annotated[
-        Optional[dt.datetime], typer.Option(help="Only images registered at or after this time.")
+        dt.datetime | None, typer.Option(help="Only images registered at or after this time.")
     ] = None,
-    min_p: Annotated[Optional[float], typer.Option(help="Lowest p(fracture).")] = None,
-    max_p: Annotated[Optional[float], typer.Option(help="Highest p(fracture).")] = None,
+    min_p: Annotated[float | None, typer.Option(help="Lowest p(fracture).")] = None,
+    max_p: Annotated[float | None, typer.Option(help="Highest p(fracture).")] = None,
     level: Annotated[Level, typer.Option(help="One row per image or per study.")] = Level.image,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = (
         OutputFormat.table
@@ -224,10 +228,17 @@ def results(
         _render(rows, STUDY_COLUMNS, fmt)
         return
     rows = query_results(
-        engine, study=study, part=part.upper() if part else None, label=label, status=status,
-        since=since, min_p=min_p, max_p=max_p,
+        engine,
+        study=study,
+        part=part.upper() if part else None,
+        label=label,
+        status=status,
+        since=since,
+        min_p=min_p,
+        max_p=max_p,
     )
-    _render(rows, IMAGE_COLUMNS if fmt is OutputFormat.table else list(rows[0]) if rows else IMAGE_COLUMNS, fmt)
+    columns = list(rows[0]) if rows and fmt is not OutputFormat.table else IMAGE_COLUMNS
+    _render(rows, columns, fmt)
 
 
 @app.command("status")
@@ -278,7 +289,11 @@ def synth(
     with _progress() as progress:
         task = progress.add_task("drawing studies", total=studies)
         summary = synthesize(
-            out_dir, studies=studies, fmt=fmt.value, seed=seed, split=split,
+            out_dir,
+            studies=studies,
+            fmt=fmt.value,
+            seed=seed,
+            split=split,
             on_study=lambda n: progress.advance(task, n),
         )
     out.print(
@@ -292,11 +307,16 @@ def train(
     dataset: Annotated[Path, typer.Argument(help="MURA-layout dataset folder.")],
     bundle_out: Annotated[Path, typer.Option("--out", help="Bundle folder to write.")],
     name: Annotated[str, typer.Option(help="Bundle name.")] = "bundle",
-    version: Annotated[Optional[str], typer.Option(help="Bundle version.")] = None,
+    version: Annotated[str | None, typer.Option(help="Bundle version.")] = None,
     backbone: Annotated[str, typer.Option(help="small_cnn, densenet121, ...")] = "small_cnn",
-    input_size: Annotated[int, typer.Option(help="Model input side in pixels.")] = 96,
+    input_size: Annotated[int, typer.Option(help="Model input side in pixels.")] = 128,
     epochs: Annotated[int, typer.Option(help="Stage-1 epochs.")] = 15,
-    fracture_epochs: Annotated[int, typer.Option(help="Epochs per fracture model.")] = 25,
+    fracture_epochs: Annotated[
+        int, typer.Option(help="Epochs of the fracture model shared by all parts.")
+    ] = 40,
+    part_epochs: Annotated[
+        int, typer.Option(help="Fine-tuning epochs of each part's fracture model.")
+    ] = 10,
     seed: Annotated[int, typer.Option(help="Seed for splits and weights.")] = 0,
     intended_use: Annotated[
         str, typer.Option(help="Intended-use statement for the model card.")
@@ -311,13 +331,23 @@ def train(
     except DatasetError as exc:
         _fail(str(exc))
     config = TrainConfig(
-        backbone=backbone, input_size=input_size, epochs=epochs,
-        fracture_epochs=fracture_epochs, seed=seed,
+        backbone=backbone,
+        input_size=input_size,
+        epochs=epochs,
+        fracture_epochs=fracture_epochs,
+        part_epochs=part_epochs,
+        seed=seed,
     )
     result = train_bundle(
-        samples, bundle_out, config=config, name=name, version=version,
-        intended_use=intended_use, dataset=str(dataset),
-        command="bonewatch " + shlex.join(sys.argv[1:]), report=lambda m: err.print(m),
+        samples,
+        bundle_out,
+        config=config,
+        name=name,
+        version=version,
+        intended_use=intended_use,
+        dataset=str(dataset),
+        command="bonewatch " + shlex.join(sys.argv[1:]),
+        report=lambda m: err.print(m),
     )
     metrics = result.manifest.get("metrics", {})
     out.print(
@@ -360,8 +390,11 @@ def evaluate(
     table = Table("part", "studies", "AUROC (study)", "kappa (study)", "sensitivity", "specificity")
     for part, block in report["per_part"].items():  # type: ignore[union-attr]
         table.add_row(
-            part, str(block["n_studies"]), _cell(block["auroc_study"]),
-            _cell(block["kappa_study"]), _cell(block["sensitivity_study"]),
+            part,
+            str(block["n_studies"]),
+            _cell(block["auroc_study"]),
+            _cell(block["kappa_study"]),
+            _cell(block["sensitivity_study"]),
             _cell(block["specificity_study"]),
         )
     out.print(table)
@@ -401,7 +434,9 @@ def bundle_show(
     per_part = manifest.metrics.get("per_part", {})
     for part, entry in manifest.fracture.items():
         table.add_row(
-            part, entry.backbone, f"{entry.threshold:.3f}",
+            part,
+            entry.backbone,
+            f"{entry.threshold:.3f}",
             _cell(per_part.get(part, {}).get("auroc_study")),
         )
     out.print(table)

@@ -67,8 +67,14 @@ def describe_file(path: Path, settings: Settings, *, salt: str, queue: str) -> N
             except OSError:
                 pass
         return NewImage(
-            path=str(path), sha256=sha, size_bytes=size, format=None, queue=queue,
-            status=exc.status, error_class=exc.error_class, reason=exc.reason,
+            path=str(path),
+            sha256=sha,
+            size_bytes=size,
+            format=None,
+            queue=queue,
+            status=exc.status,
+            error_class=exc.error_class,
+            reason=exc.reason,
         )
     status, error_class, reason = "queued", None, None
     try:
@@ -76,13 +82,26 @@ def describe_file(path: Path, settings: Settings, *, salt: str, queue: str) -> N
     except IngestError as exc:
         status, error_class, reason = exc.status, exc.error_class, exc.reason
     return NewImage(
-        path=meta.path, sha256=meta.sha256, size_bytes=meta.size_bytes, format=meta.format,
-        queue=queue, study_uid=study_key(meta), series_uid=meta.series_uid,
-        sop_instance_uid=meta.sop_instance_uid, sop_class_uid=meta.sop_class_uid,
-        patient_hash=meta.patient_hash, modality=meta.modality,
-        body_part_examined=meta.body_part_examined, view_position=meta.view_position,
-        rows=meta.rows, columns=meta.columns, mura_part=meta.mura_part,
-        mura_label=meta.mura_label, status=status, error_class=error_class, reason=reason,
+        path=meta.path,
+        sha256=meta.sha256,
+        size_bytes=meta.size_bytes,
+        format=meta.format,
+        queue=queue,
+        study_uid=study_key(meta),
+        series_uid=meta.series_uid,
+        sop_instance_uid=meta.sop_instance_uid,
+        sop_class_uid=meta.sop_class_uid,
+        patient_hash=meta.patient_hash,
+        modality=meta.modality,
+        body_part_examined=meta.body_part_examined,
+        view_position=meta.view_position,
+        rows=meta.rows,
+        columns=meta.columns,
+        mura_part=meta.mura_part,
+        mura_label=meta.mura_label,
+        status=status,
+        error_class=error_class,
+        reason=reason,
     )
 
 
@@ -149,7 +168,9 @@ class DecodedBatch:
     transient: list[tuple[ClaimedImage, str]]
 
 
-def decode_claimed(claimed: Sequence[ClaimedImage], settings: Settings, pool: Executor) -> DecodedBatch:
+def decode_claimed(
+    claimed: Sequence[ClaimedImage], settings: Settings, pool: Executor
+) -> DecodedBatch:
     """Decode claimed files in ``pool``; bad files become failures, I/O errors transient."""
     salt = settings.salt()
 
@@ -157,7 +178,9 @@ def decode_claimed(claimed: Sequence[ClaimedImage], settings: Settings, pool: Ex
         t0 = time.perf_counter()
         try:
             image = read_image(
-                item.path, salt=salt, max_pixels=settings.max_pixels,
+                item.path,
+                salt=salt,
+                max_pixels=settings.max_pixels,
                 max_bytes=settings.max_file_bytes,
             )
             check_acceptance(image.meta)
@@ -183,7 +206,9 @@ def decode_claimed(claimed: Sequence[ClaimedImage], settings: Settings, pool: Ex
     return batch
 
 
-def infer_and_record(engine: object, bundle: Bundle, batch: DecodedBatch, settings: Settings) -> int:
+def infer_and_record(
+    engine: object, bundle: Bundle, batch: DecodedBatch, settings: Settings
+) -> int:
     """Run the cascade on a decoded batch and write every outcome to the ledger in one go.
 
     Returns:
@@ -195,20 +220,32 @@ def infer_and_record(engine: object, bundle: Bundle, batch: DecodedBatch, settin
     for (claim, image, decode_s), pred in zip(batch.images, predictions, strict=True):
         records.append(
             PredictionRecord(
-                image_id=claim.image_id, bundle_name=bundle.name, bundle_version=bundle.version,
-                status=pred.status, reason=pred.reason, body_part_probs=pred.body_part_probs,
-                body_part=pred.body_part, body_part_confidence=pred.body_part_confidence,
+                image_id=claim.image_id,
+                bundle_name=bundle.name,
+                bundle_version=bundle.version,
+                status=pred.status,
+                reason=pred.reason,
+                body_part_probs=pred.body_part_probs,
+                body_part=pred.body_part,
+                body_part_confidence=pred.body_part_confidence,
                 body_part_examined=pred.body_part_examined,
-                body_part_disagrees=pred.body_part_disagrees, p_fracture=pred.p_fracture,
-                label=pred.label, threshold=pred.threshold, fracture_model=pred.fracture_model,
+                body_part_disagrees=pred.body_part_disagrees,
+                p_fracture=pred.p_fracture,
+                label=pred.label,
+                threshold=pred.threshold,
+                fracture_model=pred.fracture_model,
                 timings={"decode_ms": round(1000 * decode_s, 3), **pred.timings},
-                rows=image.meta.rows, columns=image.meta.columns,
+                rows=image.meta.rows,
+                columns=image.meta.columns,
             )
         )
     record_results(engine, records, batch.failures)
     for claim, reason in batch.transient:
         release_for_retry(
-            engine, [claim.image_id], error_class="TransientIOError", reason=reason,
+            engine,
+            [claim.image_id],
+            error_class="TransientIOError",
+            reason=reason,
             max_attempts=settings.max_attempts,
         )
     return len(records) + len(batch.failures)

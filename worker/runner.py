@@ -65,8 +65,11 @@ def drain(
         try:
             while not stop.is_set():
                 claimed = claim_batch(
-                    engine, limit=settings.batch_size, lease_seconds=settings.lease_seconds,
-                    worker_id=me, queues=queues,
+                    engine,
+                    limit=settings.batch_size,
+                    lease_seconds=settings.lease_seconds,
+                    worker_id=me,
+                    queues=queues,
                 )
                 if not claimed:
                     break
@@ -146,8 +149,11 @@ def watch_inbox(
     with (
         ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="bonewatch-io") as pool,
         InboxWatcher(
-            inbox, poll=settings.poll, poll_interval=settings.poll_interval,
-            settle_seconds=settings.settle_seconds, follow_symlinks=settings.follow_symlinks,
+            inbox,
+            poll=settings.poll,
+            poll_interval=settings.poll_interval,
+            settle_seconds=settings.settle_seconds,
+            follow_symlinks=settings.follow_symlinks,
         ) as watcher,
     ):
         on_event(f"watching {inbox} ({'polling' if settings.poll else 'file events'})")

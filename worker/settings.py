@@ -20,7 +20,6 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("./bonewatch-data"), description="SQLite file and demo inbox")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir")
-    broker_url: str | None = Field(None, description="Celery broker; unset = embedded mode")
     bundle: Path = Field(DEMO_BUNDLE, description="model bundle folder")
     batch_size: int = Field(16, ge=1, le=1024, description="images per inference batch")
     decode_workers: int = Field(2, ge=1, le=64, description="threads decoding ahead of inference")
@@ -28,8 +27,8 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="transient-failure retries before 'failed'")
     max_pixels: int = Field(100_000_000, ge=1, description="largest rows*columns accepted")
     max_file_bytes: int = Field(2_000_000_000, ge=1, description="largest file accepted")
-    phi_salt: str | None = Field(None, description="salt for PatientID hashes; default per data dir")
-    settle_seconds: float = Field(1.0, ge=0, description="a file is complete once unchanged this long")
+    phi_salt: str | None = Field(None, description="PatientID hash salt")
+    settle_seconds: float = Field(1.0, ge=0, description="quiet time = complete")
     poll: bool = Field(False, description="poll the inbox instead of OS events (network shares)")
     poll_interval: float = Field(1.0, gt=0)
     follow_symlinks: bool = Field(False, description="follow symlinks that leave the inbox")

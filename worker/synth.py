@@ -64,7 +64,9 @@ def synthesize(
         patient = 1 + seed * 100_000 + i // 2
         studies_of_patient[patient] = studies_of_patient.get(patient, 0) + 1
         study_dir = (
-            Path(split) / f"XR_{region}" / f"patient{patient:05d}"
+            Path(split)
+            / f"XR_{region}"
+            / f"patient{patient:05d}"
             / f"study{studies_of_patient[patient]}_{'positive' if positive else 'negative'}"
         )
         (out / study_dir).mkdir(parents=True, exist_ok=True)
@@ -89,12 +91,19 @@ def synthesize(
                 write_png(out / rel, phantom.pixels, bits=8)
             else:
                 write_dicom(
-                    out / rel, phantom.pixels, bits_stored=dicom["bits_stored"],
-                    photometric=dicom["photometric"], transfer_syntax=dicom["transfer_syntax"],
-                    modality=dicom["modality"], body_part=dicom["body_part"] or None,
-                    view_position="PA" if k % 2 == 0 else "LL", laterality=phantom.laterality,
-                    patient_id=f"PHANTOM{patient:05d}", patient_name=f"Phantom^{patient:05d}",
-                    study_uid=dicom["study_uid"], series_uid=dicom["series_uid"],
+                    out / rel,
+                    phantom.pixels,
+                    bits_stored=dicom["bits_stored"],
+                    photometric=dicom["photometric"],
+                    transfer_syntax=dicom["transfer_syntax"],
+                    modality=dicom["modality"],
+                    body_part=dicom["body_part"] or None,
+                    view_position="PA" if k % 2 == 0 else "LL",
+                    laterality=phantom.laterality,
+                    patient_id=f"PHANTOM{patient:05d}",
+                    patient_name=f"Phantom^{patient:05d}",
+                    study_uid=dicom["study_uid"],
+                    series_uid=dicom["series_uid"],
                     sop_uid=make_uid("bonewatch-synth", str(seed), str(i), "image", str(k)),
                     instance_number=k + 1,
                 )

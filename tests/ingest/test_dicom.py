@@ -108,9 +108,7 @@ def test_voi_lut_sequence_wins_over_window(make_raw_dicom) -> None:
     item = Dataset()
     item.LUTDescriptor = [256, 0, 8]
     item.add_new(0x00283006, "US", [255 - i for i in range(256)])  # LUT Data
-    path = make_raw_dicom(
-        "lut.dcm", STORED, VOILUTSequence=[item], WindowCenter=10, WindowWidth=2
-    )
+    path = make_raw_dicom("lut.dcm", STORED, VOILUTSequence=[item], WindowCenter=10, WindowWidth=2)
     expected = (255.0 - STORED) / 255.0
     np.testing.assert_allclose(read_image(path, salt=SALT).pixels, expected, atol=1e-6)
 

@@ -20,7 +20,11 @@ RG3_J2KR = get_testdata_file("RG3_J2KR.dcm")
 
 def _meta(modality: str | None = "CR", body_part: str | None = None) -> ImageMeta:
     return ImageMeta(
-        path="x", sha256="0" * 64, format="dicom", size_bytes=1, modality=modality,
+        path="x",
+        sha256="0" * 64,
+        format="dicom",
+        size_bytes=1,
+        modality=modality,
         body_part_examined=body_part,
     )
 
@@ -63,8 +67,25 @@ def test_ct_slice_from_a_file(make_dicom, edit_dicom) -> None:
 
 @pytest.mark.parametrize(
     "body_part",
-    ["CHEST", "KNEE", "SKULL", "PELVIS", "ABDOMEN", "CSPINE", "LSPINE", "TSPINE", "HIP", "FOOT",
-     "ANKLE", "LEG", "HEAD", "ABDOMENPELVIS", "lower_leg", "KNEE LT", "CERVICAL SPINE"],
+    [
+        "CHEST",
+        "KNEE",
+        "SKULL",
+        "PELVIS",
+        "ABDOMEN",
+        "CSPINE",
+        "LSPINE",
+        "TSPINE",
+        "HIP",
+        "FOOT",
+        "ANKLE",
+        "LEG",
+        "HEAD",
+        "ABDOMENPELVIS",
+        "lower_leg",
+        "KNEE LT",
+        "CERVICAL SPINE",
+    ],
 )
 def test_regions_outside_the_upper_limb_are_refused(body_part: str) -> None:
     with pytest.raises(UnsupportedBodyPartError):
@@ -73,8 +94,21 @@ def test_regions_outside_the_upper_limb_are_refused(body_part: str) -> None:
 
 @pytest.mark.parametrize(
     "body_part",
-    [None, "", "EXTREMITY", "UPPER EXTREMITY", "UPPER_LIMB", "ARM", "ARM RIGHT", "XYZZY", "HAND",
-     "WRIST", "HAND AND WRIST", "CHEST SHOULDER", "THUMB"],
+    [
+        None,
+        "",
+        "EXTREMITY",
+        "UPPER EXTREMITY",
+        "UPPER_LIMB",
+        "ARM",
+        "ARM RIGHT",
+        "XYZZY",
+        "HAND",
+        "WRIST",
+        "HAND AND WRIST",
+        "CHEST SHOULDER",
+        "THUMB",
+    ],
 )
 def test_vague_and_upper_limb_values_pass(body_part: str | None) -> None:
     check_acceptance(_meta(body_part=body_part))

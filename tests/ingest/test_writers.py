@@ -70,9 +70,17 @@ def test_eight_bits_allocate_eight(make_dicom) -> None:
 
 def test_cr_file_contents(make_dicom) -> None:
     path = make_dicom(
-        patient_id="P1", patient_name="Doe^Jane", body_part="HAND", view_position="PA",
-        laterality="L", study_uid="1.2.3", series_uid="1.2.3.4", sop_uid="1.2.3.4.5",
-        study_date="20230405", instance_number=3, series_number=2,
+        patient_id="P1",
+        patient_name="Doe^Jane",
+        body_part="HAND",
+        view_position="PA",
+        laterality="L",
+        study_uid="1.2.3",
+        series_uid="1.2.3.4",
+        sop_uid="1.2.3.4.5",
+        study_date="20230405",
+        instance_number=3,
+        series_number=2,
     )
     ds = pydicom.dcmread(path)
     assert ds.preamble is not None and path.read_bytes()[128:132] == b"DICM"
@@ -80,7 +88,10 @@ def test_cr_file_contents(make_dicom) -> None:
     assert ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID == "1.2.3.4.5"
     assert (ds.StudyInstanceUID, ds.SeriesInstanceUID) == ("1.2.3", "1.2.3.4")
     assert (ds.Modality, ds.BodyPartExamined, ds.ViewPosition, ds.Laterality) == (
-        "CR", "HAND", "PA", "L"
+        "CR",
+        "HAND",
+        "PA",
+        "L",
     )
     assert (ds.PatientID, str(ds.PatientName), ds.StudyDate) == ("P1", "Doe^Jane", "20230405")
     assert (ds.InstanceNumber, ds.SeriesNumber) == (3, 2)
@@ -88,8 +99,9 @@ def test_cr_file_contents(make_dicom) -> None:
     assert (meta.modality, meta.body_part_examined, meta.view_position) == ("CR", "HAND", "PA")
 
 
-@pytest.mark.parametrize(("photometric", "shape"), [("MONOCHROME1", "INVERSE"),
-                                                    ("MONOCHROME2", "IDENTITY")])
+@pytest.mark.parametrize(
+    ("photometric", "shape"), [("MONOCHROME1", "INVERSE"), ("MONOCHROME2", "IDENTITY")]
+)
 def test_dx_file_contents(make_dicom, photometric: str, shape: str) -> None:
     path = make_dicom(pixels=PIXELS, modality="DX", photometric=photometric, laterality="R")
     ds = pydicom.dcmread(path)

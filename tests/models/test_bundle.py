@@ -1,5 +1,4 @@
 import json
-import shutil
 
 import pytest
 
@@ -13,7 +12,15 @@ def test_load_once_per_process(tiny_bundle):
 
 def test_manifest_lists_every_part(tiny_bundle):
     manifest = read_manifest(tiny_bundle)
-    assert manifest.parts() == ["ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST"]
+    assert manifest.parts() == [
+        "ELBOW",
+        "FINGER",
+        "FOREARM",
+        "HAND",
+        "HUMERUS",
+        "SHOULDER",
+        "WRIST",
+    ]
 
 
 def test_tampered_weights_are_refused(tmp_path):

@@ -6,8 +6,9 @@ from models.cascade import run_cascade
 
 
 def _image(value: float, body_part: str | None = None) -> DecodedImage:
-    meta = ImageMeta(path="x.png", sha256="0" * 64, format="png", size_bytes=1,
-                     body_part_examined=body_part)
+    meta = ImageMeta(
+        path="x.png", sha256="0" * 64, format="png", size_bytes=1, body_part_examined=body_part
+    )
     return DecodedImage(np.full((40, 30), value, np.float32), meta)
 
 

@@ -10,8 +10,15 @@ def _samples(n_patients: int) -> list[Sample]:
     for p in range(n_patients):
         for study in range(1 + p % 3):
             for image in range(2):
-                out.append(Sample(Path(f"p{p}/s{study}/i{image}.png"), "WRIST", p % 2,
-                                  f"patient{p:05d}", f"XR_WRIST/patient{p:05d}/study{study}"))
+                out.append(
+                    Sample(
+                        Path(f"p{p}/s{study}/i{image}.png"),
+                        "WRIST",
+                        p % 2,
+                        f"patient{p:05d}",
+                        f"XR_WRIST/patient{p:05d}/study{study}",
+                    )
+                )
     return out
 
 
@@ -33,3 +40,15 @@ def test_split_is_deterministic_for_a_seed():
 def test_fractions_must_sum_to_one():
     with pytest.raises(ValueError):
         split_by_patient(_samples(5), (0.5, 0.2), seed=0)
+
+
+def test_fingerprint_follows_content(tmp_path):
+    from models.datasets import fingerprint
+
+    path = tmp_path / "image1.png"
+    path.write_bytes(b"one")
+    sample = Sample(path, "WRIST", 1, "patient00001", "XR_WRIST/patient00001/study1_positive")
+    before = fingerprint([sample])
+    assert fingerprint([sample]) == before
+    path.write_bytes(b"two")
+    assert fingerprint([sample]) != before

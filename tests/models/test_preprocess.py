@@ -22,7 +22,8 @@ def test_imagenet_normalisation_uses_imagenet_statistics():
 
 
 def test_minus_one_one_maps_the_unit_range():
-    x = preprocess(np.array([[0.0, 1.0], [1.0, 0.0]], np.float32), PreprocessSpec(8, 1, "minus_one_one"))
+    pixels = np.array([[0.0, 1.0], [1.0, 0.0]], np.float32)
+    x = preprocess(pixels, PreprocessSpec(8, 1, "minus_one_one"))
     assert x.min() >= -1.0 and x.max() <= 1.0
 
 
@@ -31,8 +32,14 @@ def test_spec_round_trips_through_the_manifest_dict():
     assert PreprocessSpec.from_dict(spec.to_dict()) == spec
 
 
-@pytest.mark.parametrize("bad", [{"input_size": 4}, {"input_size": 32, "channels": 2},
-                                 {"input_size": 32, "normalization": "zscore"}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"input_size": 4},
+        {"input_size": 32, "channels": 2},
+        {"input_size": 32, "normalization": "zscore"},
+    ],
+)
 def test_bad_specs_are_refused(bad):
     with pytest.raises(ValueError):
         PreprocessSpec.from_dict(bad)

@@ -16,6 +16,9 @@ def tiny_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def settings(tmp_path: Path, tiny_bundle_dir: Path) -> Settings:
     return Settings(
-        data_dir=tmp_path / "data", bundle=tiny_bundle_dir, batch_size=4, phi_salt="test-salt",
+        data_dir=tmp_path / "data",
+        bundle=tiny_bundle_dir,
+        batch_size=4,
+        phi_salt="test-salt",
         settle_seconds=0.2,
     )

@@ -14,8 +14,17 @@ from ingest import write_png
 from worker.cli import app
 
 RESULT_KEYS = {
-    "path", "status", "reason", "study_uid", "sop_instance_uid", "body_part",
-    "body_part_confidence", "p_fracture", "label", "bundle", "bundle_version",
+    "path",
+    "status",
+    "reason",
+    "study_uid",
+    "sop_instance_uid",
+    "body_part",
+    "body_part_confidence",
+    "p_fracture",
+    "label",
+    "bundle",
+    "bundle_version",
 }
 
 
@@ -35,7 +44,8 @@ def cli(tmp_path, tiny_bundle_dir, monkeypatch):
 
 def test_synth_process_results_status(cli, tmp_path):
     inbox = tmp_path / "inbox"
-    assert cli("synth", str(inbox), "--studies", "4", "--format", "both", "--seed", "1").exit_code == 0
+    synth = cli("synth", str(inbox), "--studies", "4", "--format", "both", "--seed", "1")
+    assert synth.exit_code == 0
     # one image the tiny bundle is sure about, so a study row must exist
     bright = inbox / "train" / "XR_ELBOW" / "patient99999" / "study1_positive" / "image1.png"
     bright.parent.mkdir(parents=True)

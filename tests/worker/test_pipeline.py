@@ -27,8 +27,13 @@ def _ct_slice(path: Path) -> Path:
     """A CR written by bonewatch, re-labelled as CT the way a misrouted series arrives."""
     import pydicom
 
-    write_dicom(path, np.ones((8, 8), np.float32), study_uid="1.2.3", series_uid="1.2.3.1",
-                sop_uid="1.2.3.1.1")
+    write_dicom(
+        path,
+        np.ones((8, 8), np.float32),
+        study_uid="1.2.3",
+        series_uid="1.2.3.1",
+        sop_uid="1.2.3.1.1",
+    )
     ds = pydicom.dcmread(path)
     ds.Modality = "CT"
     ds.SOPClassUID = pydicom.uid.CTImageStorage
