@@ -21,7 +21,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 
 demo: $(VENV)/.installed
 	$(BIN)/bonewatch synth $(DATA_DIR)/inbox --studies 20 --format both --seed 2026
-	$(BIN)/bonewatch process $(DATA_DIR)/inbox
+	$(BIN)/bonewatch process $(DATA_DIR)/inbox/train
 	$(BIN)/bonewatch results
 	$(BIN)/bonewatch results --level study
 

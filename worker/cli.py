@@ -43,7 +43,9 @@ bundle_app = typer.Typer(help="Model bundles.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(bundle_app, name="bundle")
 
-out = Console()
+# Piped or captured output has no terminal width; rich would squeeze tables into 80 columns.
+_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
+out = Console(width=_WIDTH)
 err = Console(stderr=True)
 
 
@@ -174,10 +176,22 @@ def _render(rows: list[dict[str, Any]], columns: list[str], fmt: OutputFormat) -
         writer.writerows(rows)
         sys.stdout.write(buf.getvalue())
     else:
-        table = Table(*columns, show_lines=False)
+        table = Table(show_lines=False)
+        for column in columns:
+            table.add_column(column, no_wrap=column != "reason", overflow="fold")
         for row in rows:
-            table.add_row(*(_cell(row.get(c)) for c in columns))
+            table.add_row(*(_cell(_shown(c, row.get(c))) for c in columns))
         out.print(table)
+
+
+def _shown(column: str, value: Any) -> Any:
+    """Paths under the working directory are shown relative to it, to keep tables readable."""
+    if column == "path" and isinstance(value, str):
+        try:
+            return str(Path(value).relative_to(Path.cwd()))
+        except ValueError:
+            return value
+    return value
 
 
 def _cell(value: Any) -> str:
