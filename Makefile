@@ -30,6 +30,8 @@ test: $(VENV)/.installed-test
 
 lint: $(VENV)/.installed-test
 	$(BIN)/python -m ruff check ingest models db worker tests
+	$(BIN)/python -m ruff format --check ingest models db worker tests
+	$(BIN)/python -m mypy ingest models db worker
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .pytest_cache

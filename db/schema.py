@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -204,7 +205,8 @@ class StudyResult(Base):
 
 
 metadata = Base.metadata
-images = Image.__table__
-fingerprints = Fingerprint.__table__
-predictions = PredictionRow.__table__
-study_results = StudyResult.__table__
+# Core tables for the ledger's bulk statements (the ORM classes are for schema and migrations).
+images: Table = Image.__table__  # type: ignore[assignment]
+fingerprints: Table = Fingerprint.__table__  # type: ignore[assignment]
+predictions: Table = PredictionRow.__table__  # type: ignore[assignment]
+study_results: Table = StudyResult.__table__  # type: ignore[assignment]

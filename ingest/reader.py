@@ -161,7 +161,7 @@ def _header_fields(fp: BinaryIO, fmt: str, salt: str) -> dict[str, Any]:
 
 
 def _build_meta(path: Path, digest: str, size: int, fields: dict[str, Any]) -> ImageMeta:
-    mura = parse_mura_path(path) or {}
+    mura: dict[str, Any] = parse_mura_path(path) or {}
     return ImageMeta(path=str(path), sha256=digest, size_bytes=size, **fields, **mura)
 
 

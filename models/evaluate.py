@@ -7,6 +7,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score
@@ -127,7 +128,7 @@ def _fracture_block(images: Sequence[Scored], studies: Sequence[StudyScore]) -> 
     }
 
 
-def compute_metrics(scored: Sequence[Scored], labels: Sequence[str]) -> dict[str, object]:
+def compute_metrics(scored: Sequence[Scored], labels: Sequence[str]) -> dict[str, Any]:
     """Image- and study-level metrics, overall and per part, plus the body-part confusion matrix.
 
     Fracture metrics cover the images the cascade sent to a fracture model (as served); images that
@@ -155,7 +156,7 @@ def compute_metrics(scored: Sequence[Scored], labels: Sequence[str]) -> dict[str
         "n_images": len(scored),
         "n_unreadable": len(scored) - len(readable),
         "n_rejected": sum(
-            1
+            True
             for s in readable
             if s.sample.part != OTHER and s.prediction.p_fracture is None  # type: ignore[union-attr]
         ),
@@ -180,7 +181,7 @@ def evaluate_bundle(
     *,
     batch_size: int = 32,
     on_batch: Callable[[int], None] | None = None,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Run ``bundle`` over a labelled dataset and return :func:`compute_metrics`' report."""
     scored = predict_samples(samples, bundle, batch_size=batch_size, on_batch=on_batch)
     report = compute_metrics(scored, bundle.manifest.body_part.labels)

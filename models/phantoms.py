@@ -808,7 +808,7 @@ def _box_blur(img: np.ndarray, radius: int) -> np.ndarray:
         acc = np.zeros_like(out)
         for d in range(k):
             acc += np.take(padded, np.arange(d, d + n), axis=axis)
-        out = acc / k
+        out = (acc / k).astype(out.dtype, copy=False)
     return out
 
 
@@ -886,10 +886,13 @@ def draw_phantom(
     n_breaks = 1 + int(fracture_rng.random() < 0.25)
     # Favour thick bones: their breaks are the ones a low-resolution model can learn.
     weights = np.array([scene.bones[i].half_width.mean() ** 2 for i in candidates], dtype=float)
-    order = (
-        fracture_rng.choice(
-            candidates, size=len(candidates), replace=False, p=weights / weights.sum()
-        )
+    order: list[int] = (
+        [
+            int(i)
+            for i in fracture_rng.choice(
+                candidates, size=len(candidates), replace=False, p=weights / weights.sum()
+            )
+        ]
         if candidates
         else []
     )

@@ -7,8 +7,9 @@ the worker that serves it cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -48,10 +49,10 @@ class PreprocessSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> PreprocessSpec:
+    def from_dict(cls, data: Mapping[str, Any]) -> PreprocessSpec:
         return cls(
-            input_size=int(data["input_size"]),  # type: ignore[arg-type]
-            channels=int(data.get("channels", 1)),  # type: ignore[arg-type]
+            input_size=int(data["input_size"]),
+            channels=int(data.get("channels", 1)),
             normalization=str(data.get("normalization", "unit")),
         )
 

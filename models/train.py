@@ -53,7 +53,7 @@ class TrainConfig:
     patience: int = 8
     seed: int = 0
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    confidence_floor: float = 0.5
+    confidence_floor: float = 0.7
     width: int = 16
     augment: str = "flip"  # "flip", or "full": flips, rotation, zoom and brightness
     weights: str | None = None

@@ -332,6 +332,9 @@ def train(
         int, typer.Option(help="Fine-tuning epochs of each part's fracture model.")
     ] = 10,
     seed: Annotated[int, typer.Option(help="Seed for splits and weights.")] = 0,
+    confidence_floor: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Stage-1 probability below which = unsupported.")
+    ] = 0.7,
     intended_use: Annotated[
         str, typer.Option(help="Intended-use statement for the model card.")
     ] = "Research use: fracture triage on upper-limb radiographs. Not a diagnostic device.",
@@ -351,6 +354,7 @@ def train(
         fracture_epochs=fracture_epochs,
         part_epochs=part_epochs,
         seed=seed,
+        confidence_floor=confidence_floor,
     )
     result = train_bundle(
         samples,
@@ -402,7 +406,7 @@ def evaluate(
         f"{_cell(report['fracture_auroc_study'])}, study kappa {_cell(report['kappa_study'])}"
     )
     table = Table("part", "studies", "AUROC (study)", "kappa (study)", "sensitivity", "specificity")
-    for part, block in report["per_part"].items():  # type: ignore[union-attr]
+    for part, block in report["per_part"].items():
         table.add_row(
             part,
             str(block["n_studies"]),

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+from sqlalchemy import Engine
+
 from db import (
     ClaimedImage,
     FailureRecord,
@@ -120,7 +122,7 @@ def _chunks(items: Iterable[Path], size: int) -> Iterator[list[Path]]:
 
 
 def register_paths(
-    engine: object,
+    engine: Engine,
     paths: Iterable[Path],
     settings: Settings,
     *,
@@ -136,7 +138,13 @@ def register_paths(
     summary = RegisterSummary()
     salt = settings.salt()
     for chunk in _chunks(paths, chunk_size):
-        rows = list(pool.map(lambda p: describe_file(p, settings, salt=salt, queue=queue), chunk))
+        # Absolute paths: the row must still find its file from another working directory.
+        rows = list(
+            pool.map(
+                lambda p: describe_file(Path(p).absolute(), settings, salt=salt, queue=queue),
+                chunk,
+            )
+        )
         registered = register_images(engine, rows)
         summary.seen += len(chunk)
         queued = []
@@ -207,7 +215,7 @@ def decode_claimed(
 
 
 def infer_and_record(
-    engine: object, bundle: Bundle, batch: DecodedBatch, settings: Settings
+    engine: Engine, bundle: Bundle, batch: DecodedBatch, settings: Settings
 ) -> int:
     """Run the cascade on a decoded batch and write every outcome to the ledger in one go.
 

@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import Engine
+
 from db import claim_batch, count_by_status, make_engine, reclaim_expired, upgrade
 from ingest import InboxWatcher, iter_candidate_files
 from models.bundle import Bundle, load_bundle
@@ -31,7 +33,7 @@ from worker.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def open_ledger(settings: Settings) -> object:
+def open_ledger(settings: Settings) -> Engine:
     """An engine on the configured database; SQLite is migrated on the spot (embedded default)."""
     url = settings.resolved_database_url
     if url.startswith("sqlite"):
@@ -47,7 +49,7 @@ class DrainSummary:
 
 
 def drain(
-    engine: object,
+    engine: Engine,
     bundle: Bundle,
     settings: Settings,
     pool: ThreadPoolExecutor,
@@ -119,7 +121,9 @@ def process_paths(
             if on_queued is not None:
                 on_queued(len(queued_ids))
 
-        files = iter_candidate_files(paths, follow_symlinks=settings.follow_symlinks)
+        files: Iterable[Path] = iter_candidate_files(
+            paths, follow_symlinks=settings.follow_symlinks
+        )
         if on_registered is not None:
             files = _counting(files, on_registered)
         registered = register_paths(

@@ -12,6 +12,7 @@ import csv
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -75,7 +76,7 @@ def synthesize(
         if positive and not any(fractured):
             fractured[0] = True
         kind = _study_format(fmt, i)
-        dicom = {
+        dicom: dict[str, Any] = {
             "photometric": "MONOCHROME1" if rng.random() < 0.5 else "MONOCHROME2",
             "bits_stored": int(rng.choice([8, 10, 12, 16])),
             "transfer_syntax": TRANSFER_SYNTAXES_WRITABLE[i % len(TRANSFER_SYNTAXES_WRITABLE)],

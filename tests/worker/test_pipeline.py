@@ -42,6 +42,37 @@ def _ct_slice(path: Path) -> Path:
     return path
 
 
+def _truncated(path: Path) -> Path:
+    """A copy cut off half-way through its pixel data, as an interrupted transfer leaves it."""
+    write_dicom(
+        path,
+        np.random.default_rng(0).random((64, 64)).astype(np.float32),
+        study_uid="1.2.4",
+        series_uid="1.2.4.1",
+        sop_uid="1.2.4.1.1",
+    )
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 4000])
+    return path
+
+
+def _without_pixels(path: Path) -> Path:
+    """A DICOM object with a header and no image, like a structured report."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = pydicom.uid.BasicTextSRStorage
+    meta.MediaStorageSOPInstanceUID = "1.2.5.1.1"
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, "1.2.5.1.1"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "1.2.5", "1.2.5.1", "CR"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def _by_name(engine) -> dict[str, dict]:
     return {Path(str(r["path"])).name: r for r in query_results(engine)}
 
@@ -54,12 +85,14 @@ def test_good_bad_and_duplicate_files_each_end_as_one_row(tmp_path, settings):
     (inbox / "empty.dcm").write_bytes(b"")
     (inbox / "notes.txt").write_text("not an image")
     _ct_slice(inbox / "ct.dcm")
+    _truncated(inbox / "truncated.dcm")
+    _without_pixels(inbox / "no-pixels.dcm")
     before = {p.name: p.read_bytes() for p in inbox.iterdir()}
 
     registered, drained = process_paths([inbox], settings)
 
     rows = _by_name(open_ledger(settings))
-    assert registered.seen == 6 and len(rows) == 6
+    assert registered.seen == 8 and len(rows) == 8
     assert rows["bright.png"]["status"] == "done"
     assert rows["bright.png"]["body_part"] == "ELBOW"
     assert rows["bright.png"]["bundle"] == "tiny"
@@ -70,6 +103,11 @@ def test_good_bad_and_duplicate_files_each_end_as_one_row(tmp_path, settings):
     assert rows["empty.dcm"]["status"] == "failed" and rows["empty.dcm"]["reason"]
     assert rows["notes.txt"]["status"] == "failed" and rows["notes.txt"]["reason"]
     assert rows["ct.dcm"]["status"] == "unsupported" and "CT" in rows["ct.dcm"]["reason"]
+    assert rows["truncated.dcm"]["status"] == "failed"
+    assert "cut short" in rows["truncated.dcm"]["reason"]
+    assert rows["truncated.dcm"]["error_class"] == "TruncatedFileError"
+    assert rows["no-pixels.dcm"]["status"] == "unsupported"
+    assert "pixel" in rows["no-pixels.dcm"]["reason"].lower()
     # originals untouched
     assert {p.name: p.read_bytes() for p in inbox.iterdir()} == before
 
@@ -125,3 +163,12 @@ def test_unreadable_file_is_recorded_not_fatal(tmp_path, settings):
     process_paths([tmp_path / "inbox"], settings)
     rows = _by_name(open_ledger(settings))
     assert rows["locked.png"]["status"] == "failed" and rows["locked.png"]["reason"]
+
+
+def test_rows_keep_absolute_paths(tmp_path, settings, monkeypatch):
+    _png(tmp_path / "inbox" / "a.png", 1.0)
+    monkeypatch.chdir(tmp_path)
+    process_paths([Path("inbox")], settings)
+    (row,) = query_results(open_ledger(settings))
+    assert Path(str(row["path"])).is_absolute()
+    assert Path(str(row["path"])) == tmp_path / "inbox" / "a.png"
