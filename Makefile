@@ -36,7 +36,7 @@ lint: $(VENV)/.installed-test
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .pytest_cache
 
-# Rebuild the shipped demo bundle from phantoms (seeds 1-2; the tests evaluate on unseen seeds).
+# Rebuild the shipped demo bundle from phantoms (seed 1; the tests evaluate on unseen seeds).
 DEMO_BUNDLE := models/bundles/demo-phantom
 demo-bundle: $(VENV)/.installed
 	rm -rf build/demo-phantoms

@@ -388,16 +388,43 @@ def _mark_duplicates(
         conn.execute(_insert(conn, fingerprints).on_conflict_do_nothing(), list(chunk))
 
     owners: dict[tuple[str, str], tuple[int, int | None]] = {}
+    failed_owners: dict[tuple[str, str], int] = {}
     for kind in ("sha256", "sop"):
         values = sorted(v for k, v in wanted if k == kind)
         for chunk in _chunks(values):
             rows = conn.execute(
-                select(fingerprints.c.value, fingerprints.c.image_id, images.c.duplicate_of)
+                select(
+                    fingerprints.c.value,
+                    fingerprints.c.image_id,
+                    images.c.duplicate_of,
+                    images.c.status,
+                )
                 .join(images, images.c.id == fingerprints.c.image_id)
                 .where(fingerprints.c.kind == kind, fingerprints.c.value.in_(chunk))
             )
             for row in rows:
                 owners[(kind, row.value)] = (row.image_id, row.duplicate_of)
+                if row.status == "failed":
+                    failed_owners[(kind, row.value)] = row.image_id
+
+    # A re-send of an image whose earlier copy failed (truncated transfer, read error) is the
+    # one to process, not a duplicate of the failure: the fingerprint moves to the new row.
+    # The conditional update makes two concurrent re-sends agree on a single new owner.
+    for fp, old_owner in sorted(failed_owners.items()):
+        new_owner = wanted[fp]
+        if new_owner == old_owner:
+            continue
+        moved = conn.execute(
+            update(fingerprints)
+            .where(
+                fingerprints.c.kind == fp[0],
+                fingerprints.c.value == fp[1],
+                fingerprints.c.image_id == old_owner,
+            )
+            .values(image_id=new_owner)
+        )
+        if moved.rowcount == 1:
+            owners[fp] = (new_owner, None)
 
     updates: list[dict[str, Any]] = []
     for key, image_id in created_ids.items():

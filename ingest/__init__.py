@@ -6,6 +6,7 @@ Imports nothing else from bonewatch. ``ingest.dicom`` is the only module that im
 from ingest.errors import (
     CorruptFileError,
     EmptyFileError,
+    FileChangedError,
     FileVanishedError,
     ImageTooLargeError,
     IngestError,
@@ -31,6 +32,7 @@ __all__ = [
     "CorruptFileError",
     "DecodedImage",
     "EmptyFileError",
+    "FileChangedError",
     "FileVanishedError",
     "ImageMeta",
     "ImageTooLargeError",

@@ -6,7 +6,6 @@ Reading follows the DICOM grey pipeline (PS3.3 C.11, PS3.4 N.2): stored values -
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import struct
@@ -47,6 +46,7 @@ from ingest.errors import (
     UnsupportedPixelFormatError,
     UnsupportedTransferSyntaxError,
 )
+from ingest.phi import patient_hash
 from ingest.raster import luminance
 
 logger = logging.getLogger(__name__)
@@ -226,11 +226,7 @@ def _header_fields(ds: Dataset, salt: str) -> dict[str, Any]:
             "series_uid": _text(ds, "SeriesInstanceUID"),
             "sop_instance_uid": _text(ds, "SOPInstanceUID"),
             "sop_class_uid": _text(ds, "SOPClassUID"),
-            "patient_hash": (
-                hashlib.sha256((salt + patient_id).encode("utf-8")).hexdigest()
-                if patient_id
-                else None
-            ),
+            "patient_hash": patient_hash(salt, patient_id) if patient_id else None,
             "modality": _text(ds, "Modality"),
             "body_part_examined": _text(ds, "BodyPartExamined"),
             "view_position": _text(ds, "ViewPosition"),

@@ -34,6 +34,10 @@ class UnreadableFileError(IngestError):
     """The file exists but cannot be opened (permissions, a directory with an image name)."""
 
 
+class FileChangedError(IngestError):
+    """The bytes on disk differ from the ones that were registered."""
+
+
 class NotAnImageError(IngestError):
     """The bytes are neither DICOM nor a supported raster format."""
 

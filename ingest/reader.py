@@ -23,6 +23,7 @@ from ingest.errors import (
     UnreadableFileError,
 )
 from ingest.mura import parse_mura_path
+from ingest.phi import patient_hash
 from ingest.types import DecodedImage, ImageMeta
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -160,8 +161,11 @@ def _header_fields(fp: BinaryIO, fmt: str, salt: str) -> dict[str, Any]:
     return {"format": fmt, "rows": rows, "columns": columns}
 
 
-def _build_meta(path: Path, digest: str, size: int, fields: dict[str, Any]) -> ImageMeta:
+def _build_meta(path: Path, digest: str, size: int, fields: dict[str, Any], salt: str) -> ImageMeta:
     mura: dict[str, Any] = parse_mura_path(path) or {}
+    if fields.get("patient_hash") is None and mura:
+        # A MURA-layout path names its patient; keep that only as a salted hash too.
+        fields = {**fields, "patient_hash": patient_hash(salt, "mura:" + mura["mura_patient"])}
     return ImageMeta(path=str(path), sha256=digest, size_bytes=size, **fields, **mura)
 
 
@@ -207,7 +211,7 @@ def read_header(
     finally:
         raw.close()
     _check_pixels(fields["rows"], fields["columns"], max_pixels)
-    return _build_meta(p, digest.hexdigest(), size, fields)
+    return _build_meta(p, digest.hexdigest(), size, fields, salt)
 
 
 def read_image(
@@ -244,7 +248,7 @@ def read_image(
     fmt = _sniff(stream)
     fields = _header_fields(stream, fmt, salt)
     _check_pixels(fields["rows"], fields["columns"], max_pixels)
-    meta = _build_meta(p, hashlib.sha256(data).hexdigest(), len(data), fields)
+    meta = _build_meta(p, hashlib.sha256(data).hexdigest(), len(data), fields, salt)
     if fmt == "dicom":
         pixels = dicom.decode_dicom(data)
     else:

@@ -45,7 +45,7 @@ def predict_samples(
             def read(sample: Sample):  # noqa: ANN202 - local helper
                 try:
                     return read_image(sample.path, salt=salt)
-                except IngestError as exc:
+                except (IngestError, OSError) as exc:
                     log.warning("skipping %s: %s", sample.path, exc)
                     return None
 

@@ -57,24 +57,21 @@ class PreprocessSpec:
         )
 
 
-def pad_to_square(pixels: np.ndarray) -> np.ndarray:
-    """Centre ``pixels`` on a black square canvas so resizing keeps the aspect ratio."""
+def fit_square(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Resize so the long side is ``size`` (aspect kept), then centre on a black square.
+
+    Resizing before padding keeps memory bounded by the image itself, whatever its shape.
+    """
     h, w = pixels.shape
-    side = max(h, w)
-    if h == w:
-        return pixels
-    canvas = np.zeros((side, side), dtype=np.float32)
-    top, left = (side - h) // 2, (side - w) // 2
-    canvas[top : top + h, left : left + w] = pixels
+    scale = size / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    if (new_h, new_w) != (h, w):
+        img = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
+        pixels = np.array(img.resize((new_w, new_h), Image.Resampling.BILINEAR), np.float32)
+    canvas = np.zeros((size, size), dtype=np.float32)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    canvas[top : top + new_h, left : left + new_w] = pixels
     return canvas
-
-
-def resize(pixels: np.ndarray, size: int) -> np.ndarray:
-    """Resize a float image to ``size``×``size`` with an antialiased bilinear filter."""
-    if pixels.shape == (size, size):
-        return pixels.astype(np.float32, copy=False)
-    img = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
-    return np.array(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -85,7 +82,7 @@ def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """
     if pixels.ndim != 2:
         raise ValueError(f"expected grey pixels of shape (H, W), got {pixels.shape}")
-    x = resize(pad_to_square(pixels.astype(np.float32, copy=False)), spec.input_size)
+    x = fit_square(pixels.astype(np.float32, copy=False), spec.input_size)
     np.clip(x, 0.0, 1.0, out=x)
     x = np.repeat(x[:, :, None], spec.channels, axis=2)
     if spec.normalization == "imagenet":

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import platform
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -197,34 +199,22 @@ def _library_versions() -> dict[str, str]:
     }
 
 
-def train_bundle(
+def _train_into(
+    out: Path,
     samples: Sequence[Sample],
-    out_dir: str | Path,
     *,
-    config: TrainConfig = TrainConfig(),
-    name: str = "bundle",
-    version: str | None = None,
-    intended_use: str = "Research use: fracture triage on upper-limb radiographs.",
-    dataset: str = "",
-    command: str = "",
-    salt: str = "training",
-    report: Report = log.info,
-) -> TrainResult:
-    """Train stage 1 and every part's fracture model on ``samples`` and write a bundle.
-
-    Patients are split into train / validation / held-out test by ``config.fractions``; no
-    patient is in two splits. Each part's threshold is chosen on validation study scores
-    (:data:`THRESHOLD_RULE`); the manifest's metrics are measured on the held-out patients
-    through the same cascade the worker serves with.
-    """
+    config: TrainConfig,
+    name: str,
+    version: str | None,
+    intended_use: str,
+    dataset: str,
+    command: str,
+    salt: str,
+    report: Report,
+) -> tuple[dict[str, Any], dict[str, dict[str, list[float]]]]:
     import keras
 
     keras.utils.set_random_seed(config.seed)
-    out = Path(out_dir)
-    forget_bundle(out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
     train, val, test = split_by_patient(samples, config.fractions, config.seed)
     if not train or not val:
         raise ValueError("too few patients to split into train and validation sets")
@@ -373,4 +363,57 @@ def train_bundle(
         metrics.pop("bundle_version", None)
         manifest["metrics"] = {"split": "held-out test patients", **metrics}
         write_manifest(out, manifest)
-    return TrainResult(out, manifest, history)
+    return manifest, history
+
+
+def train_bundle(
+    samples: Sequence[Sample],
+    out_dir: str | Path,
+    *,
+    config: TrainConfig = TrainConfig(),
+    name: str = "bundle",
+    version: str | None = None,
+    intended_use: str = "Research use: fracture triage on upper-limb radiographs.",
+    dataset: str = "",
+    command: str = "",
+    salt: str = "training",
+    report: Report = log.info,
+) -> TrainResult:
+    """Train stage 1 and every part's fracture model on ``samples`` and write a bundle.
+
+    Patients are split into train / validation / held-out test by ``config.fractions``; no
+    patient is in two splits. Each part's threshold is chosen on validation study scores
+    (:data:`THRESHOLD_RULE`); the manifest's metrics are measured on the held-out patients
+    through the same cascade the worker serves with.
+    """
+    final = Path(out_dir)
+    if final.exists() and any(final.iterdir()) and not (final / "manifest.json").is_file():
+        raise ValueError(f"{final} exists and is not a bundle; refusing to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Build next to the target and swap at the end: a failed run leaves the old bundle intact.
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    out.chmod(0o777 & ~umask)  # mkdtemp makes it private; a bundle is read by other users
+    try:
+        manifest, history = _train_into(
+            out,
+            samples,
+            config=config,
+            name=name,
+            version=version,
+            intended_use=intended_use,
+            dataset=dataset,
+            command=command,
+            salt=salt,
+            report=report,
+        )
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    forget_bundle(out)
+    forget_bundle(final)
+    if final.exists():
+        shutil.rmtree(final)
+    out.rename(final)
+    return TrainResult(final, manifest, history)

@@ -136,9 +136,15 @@ def process(
         progress.update(seen, total=registered.seen)
         progress.update(work, total=max(progress.tasks[work].completed, drained.finished))
     counts = count_by_status(open_ledger(settings))
+    skipped = (
+        f", {registered.skipped} unreadable for now (I/O error; run again to take them)"
+        if registered.skipped
+        else ""
+    )
     out.print(
         f"{registered.seen} file(s) seen: {registered.new} new, {registered.duplicates} "
-        f"duplicate(s), {registered.refused} refused at the door; {drained.finished} processed."
+        f"duplicate(s), {registered.refused} refused at the door{skipped}; "
+        f"{drained.finished} processed."
     )
     out.print("ledger: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
@@ -238,6 +244,10 @@ def results(
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=dt.UTC)
     if level is Level.study:
+        image_only = {"--status": status, "--since": since, "--min-p": min_p, "--max-p": max_p}
+        given = [name for name, value in image_only.items() if value is not None]
+        if given:
+            _fail(f"{', '.join(given)} filter(s) images; use them without --level study")
         rows = query_studies(engine, study=study, part=part, label=label)
         _render(rows, STUDY_COLUMNS, fmt)
         return

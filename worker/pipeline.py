@@ -28,7 +28,9 @@ from db import (
     release_for_retry,
 )
 from ingest import (
+    CorruptFileError,
     DecodedImage,
+    FileChangedError,
     FileVanishedError,
     ImageMeta,
     IngestError,
@@ -38,7 +40,7 @@ from ingest import (
     sha256_file,
 )
 from models.bundle import Bundle
-from models.cascade import run_cascade
+from models.cascade import Prediction, run_cascade
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,12 +57,19 @@ def study_key(meta: ImageMeta) -> str:
     return meta.study_uid or meta.mura_study or f"file:{meta.sha256[:16]}"
 
 
-def describe_file(path: Path, settings: Settings, *, salt: str, queue: str) -> NewImage:
-    """Read a file's header into a ledger row; a bad or refused file becomes a finished row."""
+def describe_file(path: Path, settings: Settings, *, salt: str, queue: str) -> NewImage | None:
+    """Read a file's header into a ledger row; a bad or refused file becomes a finished row.
+
+    Returns None when the file cannot be read right now (an I/O error on a share that went
+    away): nothing is recorded, so the next scan or ``process`` run takes it afresh.
+    """
     try:
         meta = read_header(
             path, salt=salt, max_pixels=settings.max_pixels, max_bytes=settings.max_file_bytes
         )
+    except OSError as exc:
+        log.warning("skipping %s for now: %s", path, exc)
+        return None
     except IngestError as exc:
         sha = size = None
         if not isinstance(exc, FileVanishedError):
@@ -113,6 +122,7 @@ class RegisterSummary:
     new: int = 0
     duplicates: int = 0
     refused: int = 0
+    skipped: int = 0  # unreadable for now (I/O error); not recorded, taken again next time
 
 
 def _chunks(items: Iterable[Path], size: int) -> Iterator[list[Path]]:
@@ -139,12 +149,14 @@ def register_paths(
     salt = settings.salt()
     for chunk in _chunks(paths, chunk_size):
         # Absolute paths: the row must still find its file from another working directory.
-        rows = list(
+        described = list(
             pool.map(
                 lambda p: describe_file(Path(p).absolute(), settings, salt=salt, queue=queue),
                 chunk,
             )
         )
+        rows = [row for row in described if row is not None]
+        summary.skipped += len(described) - len(rows)
         registered = register_images(engine, rows)
         summary.seen += len(chunk)
         queued = []
@@ -161,10 +173,6 @@ def register_paths(
         if on_chunk is not None:
             on_chunk(queued)
     return summary
-
-
-class FileChangedError(IngestError):
-    """The bytes on disk differ from the ones that were registered."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +208,12 @@ def decode_claimed(
             return item, image, time.perf_counter() - t0
         except (IngestError, OSError) as exc:
             return item, exc, time.perf_counter() - t0
+        except Exception as exc:  # a decoder bug must cost one file, not the whole run
+            log.exception("unexpected error decoding %s", item.path)
+            failure = CorruptFileError(
+                f"the decoder failed on this file: {type(exc).__name__}: {exc}"
+            )
+            return item, failure, time.perf_counter() - t0
 
     batch = DecodedBatch([], [], [])
     for item, result, seconds in pool.map(decode, claimed):
@@ -222,10 +236,20 @@ def infer_and_record(
     Returns:
         The number of images that finished (predicted, refused or failed).
     """
-    images = [image for _, image, _ in batch.images]
-    predictions = run_cascade(images, bundle, batch_size=settings.batch_size)
+    outcomes = _cascade_isolated(bundle, batch.images, settings.batch_size)
+    failures = list(batch.failures)
     records = []
-    for (claim, image, decode_s), pred in zip(batch.images, predictions, strict=True):
+    for (claim, image, decode_s), pred in zip(batch.images, outcomes, strict=True):
+        if isinstance(pred, Exception):
+            failures.append(
+                FailureRecord(
+                    claim.image_id,
+                    "failed",
+                    "ModelError",
+                    f"the model failed on this image: {type(pred).__name__}: {pred}",
+                )
+            )
+            continue
         records.append(
             PredictionRecord(
                 image_id=claim.image_id,
@@ -247,7 +271,7 @@ def infer_and_record(
                 columns=image.meta.columns,
             )
         )
-    record_results(engine, records, batch.failures)
+    record_results(engine, records, failures)
     for claim, reason in batch.transient:
         release_for_retry(
             engine,
@@ -256,4 +280,22 @@ def infer_and_record(
             reason=reason,
             max_attempts=settings.max_attempts,
         )
-    return len(records) + len(batch.failures)
+    return len(records) + len(failures)
+
+
+def _cascade_isolated(
+    bundle: Bundle, images: list[tuple[ClaimedImage, DecodedImage, float]], batch_size: int
+) -> list[Prediction | Exception]:
+    """Run the cascade on the batch; if it raises, run image by image so only the culprit fails."""
+    pixels = [image for _, image, _ in images]
+    try:
+        return list(run_cascade(pixels, bundle, batch_size=batch_size))
+    except Exception:
+        log.exception("the cascade failed on a batch of %d; retrying one by one", len(pixels))
+    outcomes: list[Prediction | Exception] = []
+    for image in pixels:
+        try:
+            outcomes.extend(run_cascade([image], bundle, batch_size=1))
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes

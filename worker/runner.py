@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from worker.pipeline import (
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
+
+IDLE_SWEEP_SECONDS = 10.0
 
 
 def open_ledger(settings: Settings) -> Engine:
@@ -58,20 +61,27 @@ def drain(
     on_finished: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
 ) -> DrainSummary:
-    """Process queued images until none are left (or ``stop`` is set)."""
+    """Process queued images until none are left, or until ``stop`` is set.
+
+    Rows already claimed when ``stop`` arrives are finished first, so nothing is left leased.
+    """
     me = worker_id()
     ready: queue.Queue[DecodedBatch | BaseException | None] = queue.Queue(maxsize=2)
-    stop = stop or threading.Event()
+    halt = threading.Event()  # ours: ends the producer when the consumer leaves early
+
+    def stopping() -> bool:
+        return halt.is_set() or (stop is not None and stop.is_set())
 
     def produce() -> None:
         try:
-            while not stop.is_set():
+            while not stopping():
                 claimed = claim_batch(
                     engine,
                     limit=settings.batch_size,
                     lease_seconds=settings.lease_seconds,
                     worker_id=me,
                     queues=queues,
+                    max_attempts=settings.max_attempts,
                 )
                 if not claimed:
                     break
@@ -93,7 +103,7 @@ def drain(
             if on_finished is not None:
                 on_finished(done)
     finally:
-        stop.set()
+        halt.set()
         while producer.is_alive():
             try:
                 ready.get(timeout=0.1)
@@ -114,7 +124,7 @@ def process_paths(
     """Register every file under ``paths`` on the bulk queue, then process all queued work."""
     engine = open_ledger(settings)
     bundle = load_bundle(settings.bundle)
-    reclaim_expired(engine)
+    reclaim_expired(engine, max_attempts=settings.max_attempts)
     with ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="bonewatch-io") as pool:
 
         def chunk_done(queued_ids: list[int]) -> None:
@@ -149,7 +159,7 @@ def watch_inbox(
     """Follow ``inbox`` until ``stop`` is set: register complete files and process them."""
     engine = open_ledger(settings)
     bundle = load_bundle(settings.bundle)
-    reclaim_expired(engine)
+    reclaim_expired(engine, max_attempts=settings.max_attempts)
     with (
         ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="bonewatch-io") as pool,
         InboxWatcher(
@@ -161,6 +171,7 @@ def watch_inbox(
         ) as watcher,
     ):
         on_event(f"watching {inbox} ({'polling' if settings.poll else 'file events'})")
+        last_sweep = 0.0
         while not stop.is_set():
             files = watcher.ready(timeout=0.5)
             if files:
@@ -169,7 +180,11 @@ def watch_inbox(
                     f"registered {reg.new} new file(s): {reg.duplicates} duplicate(s), "
                     f"{reg.refused} refused"
                 )
-            summary = drain(engine, bundle, settings, pool, stop=None)
+            # Drain after new files, and now and then for rows whose lease expired elsewhere.
+            if not files and time.monotonic() - last_sweep < IDLE_SWEEP_SECONDS:
+                continue
+            last_sweep = time.monotonic()
+            summary = drain(engine, bundle, settings, pool, stop=stop)
             if summary.finished:
                 counts = count_by_status(engine)
                 on_event(

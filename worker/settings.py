@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import time
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import models
@@ -33,6 +35,8 @@ class Settings(BaseSettings):
     poll_interval: float = Field(1.0, gt=0)
     follow_symlinks: bool = Field(False, description="follow symlinks that leave the inbox")
 
+    _salt: str | None = PrivateAttr(None)
+
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -40,12 +44,27 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'bonewatch.sqlite').resolve()}"
 
     def salt(self) -> str:
-        """The PatientID salt: configured, or a random one kept in the data directory."""
+        """The PatientID salt: configured, or a random one created once in the data directory."""
         if self.phi_salt:
             return self.phi_salt
-        path = self.data_dir / "phi-salt"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_hex(32))
-            path.chmod(0o600)
-        return path.read_text().strip()
+        if self._salt is None:
+            self._salt = _data_dir_salt(self.data_dir / "phi-salt")
+        return self._salt
+
+
+def _data_dir_salt(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # O_EXCL: of two processes starting together, one creates the salt and both read it.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    for _ in range(50):
+        value = path.read_text().strip()
+        if value:
+            return value
+        time.sleep(0.01)  # the creator has not written it yet
+    raise RuntimeError(f"{path} is empty; delete it or set BONEWATCH_PHI_SALT")

@@ -527,3 +527,15 @@ def test_query_results_filters(db_engine: Engine) -> None:
     created = datetime.fromisoformat(str(first["created_at"]))
     assert created.utcoffset() == timedelta(0)
     assert last["status"] == "failed" and last["reason"] == "text" and last["bundle"] is None
+
+
+def test_complete_resend_of_a_failed_image_is_processed_not_a_duplicate(db_engine: Engine) -> None:
+    (cut,) = register_images(db_engine, [_new("/in/a.dcm", 1, sop_instance_uid="1.2.840.77")])
+    assert _claim_all(db_engine) == [cut.image_id]
+    record_results(db_engine, [], [FailureRecord(cut.image_id, "failed", "Truncated", "cut short")])
+    (whole,) = register_images(db_engine, [_new("/in/a.dcm", 2, sop_instance_uid="1.2.840.77")])
+    assert whole.created and whole.status == "queued" and whole.duplicate_of is None
+    assert _claim_all(db_engine) == [whole.image_id]
+    # a third copy of the same instance is now a duplicate of the complete one
+    (third,) = register_images(db_engine, [_new("/in/b.dcm", 3, sop_instance_uid="1.2.840.77")])
+    assert third.status == "duplicate" and third.duplicate_of == whole.image_id

@@ -43,3 +43,15 @@ def test_spec_round_trips_through_the_manifest_dict():
 def test_bad_specs_are_refused(bad):
     with pytest.raises(ValueError):
         PreprocessSpec.from_dict(bad)
+
+
+def test_long_thin_images_never_allocate_a_full_square():
+    import tracemalloc
+
+    strip = np.ones((2, 60000), np.float32)
+    tracemalloc.start()
+    x = preprocess(strip, PreprocessSpec(64))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert x.shape == (64, 64, 1)
+    assert peak < 50 * 1024 * 1024  # a padded 60000x60000 square would be 14 GB

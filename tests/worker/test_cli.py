@@ -92,3 +92,9 @@ def test_bundle_show_prints_the_model_card(cli, tiny_bundle_dir):
 def test_db_upgrade(cli):
     result = cli("db", "upgrade")
     assert result.exit_code == 0 and "revision" in result.output
+
+
+def test_study_level_refuses_image_filters(cli):
+    result = cli("results", "--level", "study", "--status", "done")
+    assert result.exit_code == 2
+    assert "--status" in result.output

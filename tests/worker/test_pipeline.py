@@ -172,3 +172,49 @@ def test_rows_keep_absolute_paths(tmp_path, settings, monkeypatch):
     (row,) = query_results(open_ledger(settings))
     assert Path(str(row["path"])).is_absolute()
     assert Path(str(row["path"])) == tmp_path / "inbox" / "a.png"
+
+
+def test_patient_name_and_id_never_reach_the_ledger(tmp_path, settings, caplog):
+    import logging
+    import sqlite3
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    write_dicom(
+        inbox / "p.dcm",
+        np.ones((40, 40), np.float32),
+        patient_id="PID-8675309",
+        patient_name="Doe^Jane",
+        study_uid="1.2.9",
+        series_uid="1.2.9.1",
+        sop_uid="1.2.9.1.1",
+    )
+    caplog.set_level(logging.DEBUG)
+    process_paths([inbox], settings)
+    (row,) = query_results(open_ledger(settings))
+    assert row["status"] == "done"
+    db_file = settings.data_dir / "bonewatch.sqlite"
+    dump = "\n".join(sqlite3.connect(db_file).iterdump())
+    assert "8675309" not in dump and "Doe" not in dump and "Jane" not in dump
+    assert "8675309" not in caplog.text and "Doe^Jane" not in caplog.text
+
+
+def test_a_decoder_crash_costs_one_file_not_the_run(tmp_path, settings, monkeypatch):
+    import worker.pipeline as pipeline
+
+    inbox = tmp_path / "inbox"
+    _png(inbox / "good.png", 1.0)
+    _png(inbox / "poison.png", 0.9)
+    real_read = pipeline.read_image
+
+    def read(path, **kw):
+        if Path(path).name == "poison.png":
+            raise RecursionError("decoder recursed too deep")
+        return real_read(path, **kw)
+
+    monkeypatch.setattr(pipeline, "read_image", read)
+    process_paths([inbox], settings)
+    rows = _by_name(open_ledger(settings))
+    assert rows["good.png"]["status"] == "done"
+    assert rows["poison.png"]["status"] == "failed"
+    assert "RecursionError" in rows["poison.png"]["reason"]
