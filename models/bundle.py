@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.preprocess import PreprocessSpec
@@ -74,14 +75,36 @@ class Manifest(BaseModel):
         return [label for label in self.body_part.labels if label != OTHER]
 
 
+class Predictor:
+    """A Keras model traced once for every batch size, for inference only.
+
+    ``predict_on_batch`` traces a new graph for each distinct batch shape; stage 2's per-part
+    groups come in all sizes, so the worker would keep retracing. One input signature with an
+    open batch dimension keeps a single graph per model.
+    """
+
+    def __init__(self, model: Any) -> None:
+        import tensorflow as tf
+
+        self.model = model
+        spec = tf.TensorSpec(model.input_shape, tf.float32)
+        self._forward = tf.function(
+            lambda x: model(x, training=False), input_signature=[spec], reduce_retracing=True
+        )
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Model outputs for a batch ``x`` of shape (N, S, S, C)."""
+        return np.asarray(self._forward(x), dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class Bundle:
     """A loaded bundle: its manifest and its Keras models, ready for inference."""
 
     path: Path
     manifest: Manifest
-    body_part_model: Any
-    fracture_models: dict[str, Any]
+    body_part_model: Predictor
+    fracture_models: dict[str, Predictor]
 
     @property
     def name(self) -> str:
@@ -124,7 +147,7 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
     return manifest
 
 
-def _load_keras(bundle_dir: Path, entry: ModelEntry) -> Any:
+def _load_keras(bundle_dir: Path, entry: ModelEntry) -> Predictor:
     weights = bundle_dir / entry.weights
     if not weights.is_file():
         raise BundleError(f"weights file {weights} named in the manifest is missing")
@@ -136,7 +159,7 @@ def _load_keras(bundle_dir: Path, entry: ModelEntry) -> Any:
         )
     import keras  # only models/ imports keras, and only when a bundle is loaded
 
-    return keras.saving.load_model(weights, compile=False)
+    return Predictor(keras.saving.load_model(weights, compile=False))
 
 
 _cache: dict[Path, Bundle] = {}

@@ -5,12 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from ingest import DecodedImage, body_part_hint
-from models.bundle import OTHER, Bundle
+from models.bundle import OTHER, Bundle, Predictor
 from models.preprocess import PreprocessSpec, preprocess_batch
 
 
@@ -36,12 +35,9 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def predict_probs(model: Any, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Run a Keras model over ``x`` in fixed-size chunks; returns its outputs as float64."""
-    outs = [
-        np.asarray(model.predict_on_batch(x[i : i + batch_size]), dtype=np.float64)
-        for i in range(0, len(x), batch_size)
-    ]
+def predict_probs(model: Predictor, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Run a model over ``x`` in chunks of ``batch_size``; returns its outputs as float64."""
+    outs = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     return np.concatenate(outs) if outs else np.zeros((0, 1))
 
 

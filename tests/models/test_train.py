@@ -44,4 +44,4 @@ def test_train_writes_a_loadable_bundle_with_provenance(tmp_path):
     assert result.history["body_part"]["loss"]
     bundle = load_bundle(tmp_path / "bundle")
     x = np.zeros((1, 32, 32, 1), np.float32)
-    assert bundle.body_part_model.predict_on_batch(x).shape == (1, 8)
+    assert bundle.body_part_model(x).shape == (1, 8)
