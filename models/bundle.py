@@ -87,14 +87,18 @@ class Predictor:
         import tensorflow as tf
 
         self.model = model
+        self._tf = tf
         spec = tf.TensorSpec(model.input_shape, tf.float32)
+        # Traced here, once: a concrete function never goes back through tracing.
         self._forward = tf.function(
-            lambda x: model(x, training=False), input_signature=[spec], reduce_retracing=True
-        )
+            lambda x: model(x, training=False), input_signature=[spec]
+        ).get_concrete_function()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Model outputs for a batch ``x`` of shape (N, S, S, C)."""
-        return np.asarray(self._forward(x), dtype=np.float64)
+        return np.asarray(
+            self._forward(self._tf.convert_to_tensor(x, self._tf.float32)), np.float64
+        )
 
 
 @dataclass(frozen=True)
