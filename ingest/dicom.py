@@ -163,6 +163,20 @@ def read_dicom_header(fp: BinaryIO, *, salt: str) -> dict[str, Any]:
     return _header_fields(header.ds, salt)
 
 
+# What pydicom raises on damaged bytes; each becomes a CorruptFileError with its message.
+_PARSE_ERRORS = (
+    InvalidDicomError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    OSError,
+    NotImplementedError,
+    OverflowError,
+    UnicodeError,
+)
+
+
 def _parse_or_raise(fp: BinaryIO) -> _Header:
     try:
         return _parse_header(fp, force=True)
@@ -170,17 +184,7 @@ def _parse_or_raise(fp: BinaryIO) -> _Header:
         raise
     except (EOFError, struct.error) as exc:
         raise TruncatedFileError(f"DICOM header ends early: {exc}") from exc
-    except (
-        InvalidDicomError,
-        ValueError,
-        TypeError,
-        KeyError,
-        AttributeError,
-        OSError,
-        NotImplementedError,
-        OverflowError,
-        UnicodeError,
-    ) as exc:
+    except _PARSE_ERRORS as exc:
         raise CorruptFileError(f"DICOM header cannot be parsed: {exc}") from exc
 
 
@@ -303,17 +307,7 @@ def decode_dicom(data: bytes) -> np.ndarray:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except (EOFError, struct.error) as exc:
         raise TruncatedFileError(f"DICOM file ends early: {exc}") from exc
-    except (
-        InvalidDicomError,
-        ValueError,
-        TypeError,
-        KeyError,
-        AttributeError,
-        OSError,
-        NotImplementedError,
-        OverflowError,
-        UnicodeError,
-    ) as exc:
+    except _PARSE_ERRORS as exc:
         raise CorruptFileError(f"DICOM file cannot be parsed: {exc}") from exc
 
     if not any(k in ds for k in _PIXEL_KEYWORDS):
