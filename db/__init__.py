@@ -13,6 +13,7 @@ from db.ledger import (
     claim_batch,
     claim_images,
     count_by_status,
+    lease_holders,
     query_results,
     query_studies,
     queued_ids,
@@ -20,6 +21,7 @@ from db.ledger import (
     record_results,
     register_images,
     release_for_retry,
+    release_leases,
 )
 from db.schema import FINAL_STATUSES, QUEUES, STATUSES
 
@@ -40,7 +42,9 @@ __all__ = [
     "query_results",
     "query_studies",
     "queued_ids",
+    "lease_holders",
     "reclaim_expired",
+    "release_leases",
     "record_results",
     "register_images",
     "release_for_retry",

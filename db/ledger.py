@@ -820,6 +820,34 @@ def reclaim_expired(engine: Engine, *, max_attempts: int | None = None) -> int:
     return count
 
 
+def lease_holders(engine: Engine) -> list[str]:
+    """The distinct ``leased_by`` names of images now ``processing``."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(images.c.leased_by)
+            .where(images.c.status == "processing", images.c.leased_by.is_not(None))
+            .distinct()
+        )
+        return sorted(str(r.leased_by) for r in rows)
+
+
+def release_leases(engine: Engine, holders: Sequence[str]) -> int:
+    """Queue again the ``processing`` images leased by ``holders`` (workers known to be dead),
+    without waiting for their leases to expire. Attempts are kept. Returns how many."""
+    if not holders:
+        return 0
+    now = utcnow()
+    with write_transaction(engine) as conn:
+        count = conn.execute(
+            update(images)
+            .where(images.c.status == "processing", images.c.leased_by.in_(sorted(holders)))
+            .values(status="queued", lease_expires_at=None, leased_by=None, updated_at=now)
+        ).rowcount
+    if count:
+        logger.info("released %d images leased by dead workers %s", count, list(holders))
+    return count
+
+
 # --------------------------------------------------------------------------- queries
 
 

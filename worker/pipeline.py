@@ -51,6 +51,27 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def dead_local_workers(holders: Iterable[str]) -> list[str]:
+    """The lease holders that ran on this host and whose process no longer exists.
+
+    A pid that was reused by another process looks alive; its rows then wait for their lease to
+    expire, which is slower but never wrong.
+    """
+    host = socket.gethostname()
+    dead = []
+    for holder in holders:
+        name, _, pid = holder.rpartition(":")
+        if name != host or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            dead.append(holder)
+        except PermissionError:
+            pass  # alive, owned by another user
+    return dead
+
+
 def study_key(meta: ImageMeta) -> str:
     """The study an image belongs to: DICOM StudyInstanceUID, else its MURA study folder, else
     the file stands alone."""

@@ -18,12 +18,21 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from db import claim_batch, count_by_status, make_engine, reclaim_expired, upgrade
+from db import (
+    claim_batch,
+    count_by_status,
+    lease_holders,
+    make_engine,
+    reclaim_expired,
+    release_leases,
+    upgrade,
+)
 from ingest import InboxWatcher, iter_candidate_files
 from models.bundle import Bundle, load_bundle
 from worker.pipeline import (
     DecodedBatch,
     RegisterSummary,
+    dead_local_workers,
     decode_claimed,
     infer_and_record,
     register_paths,
@@ -43,6 +52,13 @@ def open_ledger(settings: Settings) -> Engine:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         upgrade(url)
     return make_engine(url)
+
+
+def recover_leases(engine: Engine, settings: Settings) -> int:
+    """Queue again what crashed workers left ``processing``: leases that expired, and at once
+    those held by a process of this host that no longer exists (a killed ``process`` run)."""
+    released = release_leases(engine, dead_local_workers(lease_holders(engine)))
+    return released + reclaim_expired(engine, max_attempts=settings.max_attempts)
 
 
 @dataclass
@@ -124,7 +140,7 @@ def process_paths(
     """Register every file under ``paths`` on the bulk queue, then process all queued work."""
     engine = open_ledger(settings)
     bundle = load_bundle(settings.bundle)
-    reclaim_expired(engine, max_attempts=settings.max_attempts)
+    recover_leases(engine, settings)
     with ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="bonewatch-io") as pool:
 
         def chunk_done(queued_ids: list[int]) -> None:
@@ -159,7 +175,7 @@ def watch_inbox(
     """Follow ``inbox`` until ``stop`` is set: register complete files and process them."""
     engine = open_ledger(settings)
     bundle = load_bundle(settings.bundle)
-    reclaim_expired(engine, max_attempts=settings.max_attempts)
+    recover_leases(engine, settings)
     with (
         ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="bonewatch-io") as pool,
         InboxWatcher(

@@ -20,10 +20,12 @@ from db import (
     query_results,
     query_studies,
     queued_ids,
+    lease_holders,
     reclaim_expired,
     record_results,
     register_images,
     release_for_retry,
+    release_leases,
 )
 from db.schema import images, predictions, utcnow
 
@@ -539,3 +541,16 @@ def test_complete_resend_of_a_failed_image_is_processed_not_a_duplicate(db_engin
     # a third copy of the same instance is now a duplicate of the complete one
     (third,) = register_images(db_engine, [_new("/in/b.dcm", 3, sop_instance_uid="1.2.840.77")])
     assert third.status == "duplicate" and third.duplicate_of == whole.image_id
+
+
+def test_leases_of_a_dead_worker_are_released_at_once(db_engine: Engine) -> None:
+    register_images(db_engine, [_new(f"/in/{i}.dcm", i) for i in range(6)])
+    dead = claim_batch(db_engine, limit=4, lease_seconds=3600, worker_id="host:1")
+    alive = claim_batch(db_engine, limit=2, lease_seconds=3600, worker_id="host:2")
+    assert lease_holders(db_engine) == ["host:1", "host:2"]
+    assert release_leases(db_engine, ["host:1"]) == len(dead) == 4
+    counts = count_by_status(db_engine)
+    assert counts["queued"] == 4 and counts["processing"] == len(alive) == 2
+    again = claim_batch(db_engine, limit=10, lease_seconds=60, worker_id="host:3")
+    assert sorted(c.image_id for c in again) == sorted(c.image_id for c in dead)
+    assert all(c.attempts == 2 for c in again)  # the lost attempt still counts
