@@ -750,12 +750,14 @@ def release_for_retry(
     error_class: str,
     reason: str,
     max_attempts: int,
+    worker_id: str | None = None,
 ) -> None:
     """Hand images back after a transient failure.
 
     Images still ``processing`` go back to ``queued`` with the error noted, unless they have had
     ``max_attempts`` attempts already; those become ``failed`` with the reason. Images in any
-    other state (already finished by a replay, say) are left alone.
+    other state (already finished by a replay, say) are left alone, and so, with ``worker_id``,
+    are images that another worker has claimed since this one's lease expired.
     """
     if not image_ids:
         return
@@ -765,6 +767,8 @@ def release_for_retry(
         n_failed = n_requeued = 0
         for chunk in _chunks(ids):
             mine = and_(images.c.id.in_(chunk), images.c.status == "processing")
+            if worker_id is not None:
+                mine = and_(mine, images.c.leased_by == worker_id)
             n_failed += conn.execute(
                 update(images)
                 .where(mine, images.c.attempts >= max_attempts)

@@ -300,6 +300,7 @@ def infer_and_record(
             error_class="TransientIOError",
             reason=reason,
             max_attempts=settings.max_attempts,
+            worker_id=worker_id(),
         )
     return len(records) + len(failures)
 

@@ -16,11 +16,11 @@ from db import (
     claim_batch,
     claim_images,
     count_by_status,
+    lease_holders,
     make_engine,
     query_results,
     query_studies,
     queued_ids,
-    lease_holders,
     reclaim_expired,
     record_results,
     register_images,
@@ -554,3 +554,19 @@ def test_leases_of_a_dead_worker_are_released_at_once(db_engine: Engine) -> None
     again = claim_batch(db_engine, limit=10, lease_seconds=60, worker_id="host:3")
     assert sorted(c.image_id for c in again) == sorted(c.image_id for c in dead)
     assert all(c.attempts == 2 for c in again)  # the lost attempt still counts
+
+
+def test_a_stale_worker_cannot_release_a_row_another_worker_holds(db_engine: Engine) -> None:
+    (reg,) = register_images(db_engine, [_new("/in/a.dcm", 1)])
+    claim_batch(db_engine, limit=1, lease_seconds=-1, worker_id="slow")  # lease already over
+    (taken,) = claim_batch(db_engine, limit=1, lease_seconds=60, worker_id="fresh")
+    release_for_retry(
+        db_engine,
+        [reg.image_id],
+        error_class="IO",
+        reason="eio",
+        max_attempts=5,
+        worker_id="slow",
+    )
+    assert _image(db_engine, taken.image_id)["status"] == "processing"
+    assert _image(db_engine, taken.image_id)["leased_by"] == "fresh"
