@@ -8,9 +8,10 @@ and PostgreSQL; where they differ (insert-or-ignore, row locking) the dialect is
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -34,6 +35,7 @@ from db.schema import STATUSES, fingerprints, images, study_results, utcnow
 from db.schema import predictions as prediction_table
 
 logger = logging.getLogger(__name__)
+_rng = random.Random()  # backoff jitter; spreads retries of a batch apart
 
 # Keeps IN lists and multi-row statements well under SQLite's bound-parameter limit.
 _CHUNK = 500
@@ -202,7 +204,14 @@ def _expired(now: datetime) -> Any:
 
 
 def _claimable(now: datetime) -> Any:
-    return or_(images.c.status == "queued", _expired(now))
+    waiting_done = or_(images.c.retry_after.is_(None), images.c.retry_after <= now)
+    return or_(and_(images.c.status == "queued", waiting_done), _expired(now))
+
+
+def retry_delay(attempts: int, *, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with ±25 % jitter: base, 2·base, 4·base … up to ``cap`` seconds."""
+    delay = min(cap, base * 2 ** max(attempts - 1, 0))
+    return delay * rng.uniform(0.75, 1.25)
 
 
 def _fail_exhausted(conn: Connection, now: datetime, max_attempts: int | None) -> int:
@@ -751,13 +760,16 @@ def release_for_retry(
     reason: str,
     max_attempts: int,
     worker_id: str | None = None,
+    backoff_seconds: float = 2.0,
+    backoff_cap_seconds: float = 60.0,
 ) -> None:
     """Hand images back after a transient failure.
 
     Images still ``processing`` go back to ``queued`` with the error noted, unless they have had
     ``max_attempts`` attempts already; those become ``failed`` with the reason. Images in any
     other state (already finished by a replay, say) are left alone, and so, with ``worker_id``,
-    are images that another worker has claimed since this one's lease expired.
+    are images that another worker has claimed since this one's lease expired. A queued-again
+    image is not claimable before its backoff (:func:`retry_delay`) has passed.
     """
     if not image_ids:
         return
@@ -782,18 +794,38 @@ def release_for_retry(
                     updated_at=now,
                 )
             ).rowcount
-            n_requeued += conn.execute(
-                update(images)
-                .where(mine, images.c.attempts < max_attempts)
-                .values(
-                    status="queued",
-                    error_class=error_class,
-                    reason=reason,
-                    lease_expires_at=None,
-                    leased_by=None,
-                    updated_at=now,
+            retry = [
+                {
+                    "b_id": row.id,
+                    "b_after": now
+                    + timedelta(
+                        seconds=retry_delay(
+                            row.attempts, base=backoff_seconds, cap=backoff_cap_seconds, rng=_rng
+                        )
+                    ),
+                }
+                for row in conn.execute(
+                    select(images.c.id, images.c.attempts).where(
+                        mine, images.c.attempts < max_attempts
+                    )
                 )
-            ).rowcount
+            ]
+            if retry:
+                conn.execute(
+                    update(images)
+                    .where(images.c.id == bindparam("b_id"))
+                    .values(
+                        status="queued",
+                        error_class=error_class,
+                        reason=reason,
+                        lease_expires_at=None,
+                        leased_by=None,
+                        retry_after=bindparam("b_after"),
+                        updated_at=now,
+                    ),
+                    retry,
+                )
+                n_requeued += len(retry)
     logger.info(
         "released %d images after %s: %d queued again, %d failed",
         len(ids),
@@ -822,6 +854,19 @@ def reclaim_expired(engine: Engine, *, max_attempts: int | None = None) -> int:
     if count:
         logger.info("reclaimed %d images with expired leases", count)
     return count
+
+
+def next_retry_at(engine: Engine) -> datetime | None:
+    """When the earliest queued image that is waiting out a backoff becomes claimable."""
+    with engine.connect() as conn:
+        value = conn.execute(
+            select(func.min(images.c.retry_after)).where(
+                images.c.status == "queued", images.c.retry_after.is_not(None)
+            )
+        ).scalar()
+    if value is None:
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def lease_holders(engine: Engine) -> list[str]:

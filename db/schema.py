@@ -119,6 +119,8 @@ class Image(Base):
     status: Mapped[str] = mapped_column(String(16), default="queued")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_expires_at: Mapped[datetime | None]
+    # A queued row that failed transiently waits until then (backoff between attempts).
+    retry_after: Mapped[datetime | None]
     leased_by: Mapped[str | None] = mapped_column(String(255))
     error_class: Mapped[str | None] = mapped_column(String(128))
     reason: Mapped[str | None] = mapped_column(Text)

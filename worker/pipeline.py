@@ -301,6 +301,7 @@ def infer_and_record(
             reason=reason,
             max_attempts=settings.max_attempts,
             worker_id=worker_id(),
+            backoff_seconds=settings.retry_backoff_seconds,
         )
     return len(records) + len(failures)
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -23,6 +24,7 @@ from db import (
     count_by_status,
     lease_holders,
     make_engine,
+    next_retry_at,
     reclaim_expired,
     release_leases,
     upgrade,
@@ -67,7 +69,7 @@ class DrainSummary:
     batches: int = 0
 
 
-def drain(
+def _drain_pass(
     engine: Engine,
     bundle: Bundle,
     settings: Settings,
@@ -77,10 +79,7 @@ def drain(
     on_finished: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
 ) -> DrainSummary:
-    """Process queued images until none are left, or until ``stop`` is set.
-
-    Rows already claimed when ``stop`` arrives are finished first, so nothing is left leased.
-    """
+    """One pass: claim and process until nothing is claimable (or ``stop`` is set)."""
     me = worker_id()
     ready: queue.Queue[DecodedBatch | BaseException | None] = queue.Queue(maxsize=2)
     halt = threading.Event()  # ours: ends the producer when the consumer leaves early
@@ -127,6 +126,40 @@ def drain(
                 pass
         producer.join()
     return summary
+
+
+def drain(
+    engine: Engine,
+    bundle: Bundle,
+    settings: Settings,
+    pool: ThreadPoolExecutor,
+    *,
+    queues: tuple[str, ...] | None = None,
+    on_finished: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
+    wait_for_retries: bool = True,
+) -> DrainSummary:
+    """Process queued images until none are left, or until ``stop`` is set.
+
+    Rows already claimed when ``stop`` arrives are finished first, so nothing is left leased.
+    With ``wait_for_retries``, images waiting out a retry backoff are waited for; without it
+    (the watcher, which must stay responsive) they are left to a later drain.
+    """
+    total = DrainSummary()
+    while True:
+        done = _drain_pass(
+            engine, bundle, settings, pool, queues=queues, on_finished=on_finished, stop=stop
+        )
+        total.finished += done.finished
+        total.batches += done.batches
+        when = next_retry_at(engine) if wait_for_retries else None
+        if when is None or (stop is not None and stop.is_set()):
+            return total
+        pause = max((when - datetime.now(UTC)).total_seconds(), 0.0)
+        if stop is not None:
+            stop.wait(pause)
+        else:
+            time.sleep(pause)
 
 
 def process_paths(
@@ -200,7 +233,7 @@ def watch_inbox(
             if not files and time.monotonic() - last_sweep < IDLE_SWEEP_SECONDS:
                 continue
             last_sweep = time.monotonic()
-            summary = drain(engine, bundle, settings, pool, stop=stop)
+            summary = drain(engine, bundle, settings, pool, stop=stop, wait_for_retries=False)
             if summary.finished:
                 counts = count_by_status(engine)
                 on_event(

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     decode_workers: int = Field(2, ge=1, le=64, description="threads decoding ahead of inference")
     lease_seconds: float = Field(300.0, gt=0, description="how long a claimed image stays leased")
     max_attempts: int = Field(3, ge=1, description="transient-failure retries before 'failed'")
+    retry_backoff_seconds: float = Field(2.0, ge=0, description="first retry delay; doubles")
     max_pixels: int = Field(100_000_000, ge=1, description="largest rows*columns accepted")
     max_file_bytes: int = Field(2_000_000_000, ge=1, description="largest file accepted")
     phi_salt: str | None = Field(None, description="PatientID hash salt")

@@ -18,6 +18,7 @@ from db import (
     count_by_status,
     lease_holders,
     make_engine,
+    next_retry_at,
     query_results,
     query_studies,
     queued_ids,
@@ -429,6 +430,7 @@ def test_release_for_retry_caps_attempts(db_engine: Engine) -> None:
             error_class="OperationalError",
             reason="db down",
             max_attempts=3,
+            backoff_seconds=0,
         )
         row = _image(db_engine, reg.image_id)
         assert row["status"] == "queued" and row["error_class"] == "OperationalError"
@@ -570,3 +572,38 @@ def test_a_stale_worker_cannot_release_a_row_another_worker_holds(db_engine: Eng
     )
     assert _image(db_engine, taken.image_id)["status"] == "processing"
     assert _image(db_engine, taken.image_id)["leased_by"] == "fresh"
+
+
+def test_a_transient_failure_waits_out_its_backoff(db_engine: Engine) -> None:
+    from datetime import timedelta
+
+    (reg,) = register_images(db_engine, [_new("/in/a.dcm", 1)])
+    claim_batch(db_engine, limit=1, lease_seconds=60, worker_id="w")
+    before = utcnow()
+    release_for_retry(
+        db_engine,
+        [reg.image_id],
+        error_class="OSError",
+        reason="EIO",
+        max_attempts=5,
+        backoff_seconds=30,
+    )
+    assert claim_batch(db_engine, limit=1, lease_seconds=60, worker_id="w") == []
+    ready_at = next_retry_at(db_engine)
+    assert ready_at is not None
+    assert before + timedelta(seconds=22) <= ready_at <= utcnow() + timedelta(seconds=38)
+    with db_engine.begin() as conn:
+        conn.execute(images.update().values(retry_after=utcnow() - timedelta(seconds=1)))
+    (again,) = claim_batch(db_engine, limit=1, lease_seconds=60, worker_id="w")
+    assert again.attempts == 2
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    import random
+
+    from db.ledger import retry_delay
+
+    rng = random.Random(0)
+    delays = [retry_delay(a, base=2, cap=60, rng=rng) for a in range(1, 9)]
+    assert 1.5 <= delays[0] <= 2.5 and 3 <= delays[1] <= 5 and 6 <= delays[2] <= 10
+    assert all(d <= 75 for d in delays) and delays[-1] >= 45

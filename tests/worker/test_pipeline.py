@@ -218,3 +218,40 @@ def test_a_decoder_crash_costs_one_file_not_the_run(tmp_path, settings, monkeypa
     assert rows["good.png"]["status"] == "done"
     assert rows["poison.png"]["status"] == "failed"
     assert "RecursionError" in rows["poison.png"]["reason"]
+
+
+def _flaky_reads(monkeypatch, failures: dict[str, int]) -> None:
+    """Make reads of the named files raise EIO a number of times, as a share that drops out."""
+    import errno
+
+    import worker.pipeline as pipeline
+
+    real_read = pipeline.read_image
+
+    def read(path, **kw):
+        name = Path(path).name
+        if failures.get(name, 0) > 0:
+            failures[name] -= 1
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_read(path, **kw)
+
+    monkeypatch.setattr(pipeline, "read_image", read)
+
+
+def test_a_transient_read_error_is_retried_after_a_backoff(tmp_path, settings, monkeypatch):
+    _png(tmp_path / "inbox" / "flaky.png", 1.0)
+    _flaky_reads(monkeypatch, {"flaky.png": 1})
+    quick = settings.model_copy(update={"retry_backoff_seconds": 0.3})
+    process_paths([tmp_path / "inbox"], quick)
+    (row,) = query_results(open_ledger(quick))
+    assert row["status"] == "done" and row["attempts"] == 2
+
+
+def test_a_read_error_that_persists_ends_failed_after_the_cap(tmp_path, settings, monkeypatch):
+    _png(tmp_path / "inbox" / "gone.png", 1.0)
+    _flaky_reads(monkeypatch, {"gone.png": 99})
+    quick = settings.model_copy(update={"retry_backoff_seconds": 0.1, "max_attempts": 3})
+    process_paths([tmp_path / "inbox"], quick)
+    (row,) = query_results(open_ledger(quick))
+    assert row["status"] == "failed" and row["attempts"] == 3
+    assert "Input/output error" in row["reason"] and "gave up after 3 attempts" in row["reason"]

@@ -53,6 +53,7 @@ def upgrade() -> None:
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("lease_expires_at", _utc(), nullable=True),
+        sa.Column("retry_after", _utc(), nullable=True),
         sa.Column("leased_by", sa.String(255), nullable=True),
         sa.Column("error_class", sa.String(128), nullable=True),
         sa.Column("reason", sa.Text(), nullable=True),
