@@ -82,6 +82,11 @@ class Registered:
     status: str
     duplicate_of: int | None
     created: bool
+    requeued: bool = False  # an old row that had failed for a passing reason, queued again
+
+
+# Failures that say nothing about the file itself; seeing the file again retries it.
+RETRYABLE_ERRORS = ("TransientIOError", "LeaseExpired")
 
 
 @dataclass(frozen=True)
@@ -339,6 +344,7 @@ def register_images(engine: Engine, items: Sequence[NewImage]) -> list[Registere
                 created_ids[(row.path, row.sha256)] = row.id
 
         _mark_duplicates(conn, unique, created_ids, now)
+        requeued = _requeue_retryable(conn, unique, created_ids, now)
 
         # Read every row back (new and old) for its final status.
         by_key: dict[tuple[str, str | None], Any] = {}
@@ -365,12 +371,51 @@ def register_images(engine: Engine, items: Sequence[NewImage]) -> list[Registere
                 status=row.status,
                 duplicate_of=row.duplicate_of,
                 created=key in created_ids,
+                requeued=row.id in requeued,
             )
         )
     n_new = len(created_ids)
     n_dup = sum(1 for r in result if r.created and r.status == "duplicate")
     logger.debug("registered %d items: %d new, %d duplicates", len(items), n_new, n_dup)
     return result
+
+
+def _requeue_retryable(
+    conn: Connection,
+    unique: dict[tuple[str, str | None], NewImage],
+    created_ids: dict[tuple[str, str | None], int],
+    now: datetime,
+) -> set[int]:
+    """Queue again known files whose earlier attempts failed for reasons outside the file (a
+    share that was down, workers that died): registering them again is the user's retry."""
+    keys = [k for k, item in unique.items() if k not in created_ids and item.status == "queued"]
+    ids: set[int] = set()
+    for chunk in _chunks(sorted(keys, key=lambda k: (k[0], k[1] or ""))):
+        for key in chunk:
+            path, sha = key
+            match = and_(
+                images.c.path == path,
+                images.c.sha256.is_(None) if sha is None else images.c.sha256 == sha,
+                images.c.status == "failed",
+                images.c.error_class.in_(RETRYABLE_ERRORS),
+            )
+            for row in conn.execute(
+                update(images)
+                .where(match)
+                .values(
+                    status="queued",
+                    queue=unique[key].queue,
+                    attempts=0,
+                    error_class=None,
+                    reason=None,
+                    retry_after=None,
+                    finished_at=None,
+                    updated_at=now,
+                )
+                .returning(images.c.id)
+            ):
+                ids.add(row.id)
+    return ids
 
 
 def _mark_duplicates(

@@ -182,6 +182,9 @@ def register_paths(
         summary.seen += len(chunk)
         queued = []
         for reg in registered:
+            if reg.requeued:
+                queued.append(reg.image_id)
+                continue
             if not reg.created:
                 continue
             summary.new += 1

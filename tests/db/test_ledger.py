@@ -607,3 +607,20 @@ def test_backoff_doubles_up_to_its_cap() -> None:
     delays = [retry_delay(a, base=2, cap=60, rng=rng) for a in range(1, 9)]
     assert 1.5 <= delays[0] <= 2.5 and 3 <= delays[1] <= 5 and 6 <= delays[2] <= 10
     assert all(d <= 75 for d in delays) and delays[-1] >= 45
+
+
+def test_registering_a_transiently_failed_file_again_queues_it(db_engine: Engine) -> None:
+    (reg,) = register_images(db_engine, [_new("/in/a.dcm", 1)])
+    claim_batch(db_engine, limit=1, lease_seconds=60, worker_id="w")
+    release_for_retry(
+        db_engine, [reg.image_id], error_class="TransientIOError", reason="EIO", max_attempts=1
+    )
+    assert _image(db_engine, reg.image_id)["status"] == "failed"
+    (again,) = register_images(db_engine, [_new("/in/a.dcm", 1)])
+    assert not again.created and again.requeued and again.status == "queued"
+    assert _claim_all(db_engine) == [reg.image_id]
+    # a file that failed for its own content stays failed
+    bad = _new("/in/b.dcm", 2, status="failed", error_class="CorruptFileError", reason="bad")
+    (first,) = register_images(db_engine, [bad])
+    (second,) = register_images(db_engine, [_new("/in/b.dcm", 2)])
+    assert not second.requeued and second.status == "failed"

@@ -249,9 +249,16 @@ def test_a_transient_read_error_is_retried_after_a_backoff(tmp_path, settings, m
 
 def test_a_read_error_that_persists_ends_failed_after_the_cap(tmp_path, settings, monkeypatch):
     _png(tmp_path / "inbox" / "gone.png", 1.0)
-    _flaky_reads(monkeypatch, {"gone.png": 99})
+    failures = {"gone.png": 99}
+    _flaky_reads(monkeypatch, failures)
     quick = settings.model_copy(update={"retry_backoff_seconds": 0.1, "max_attempts": 3})
     process_paths([tmp_path / "inbox"], quick)
     (row,) = query_results(open_ledger(quick))
     assert row["status"] == "failed" and row["attempts"] == 3
     assert "Input/output error" in row["reason"] and "gave up after 3 attempts" in row["reason"]
+    # the share is back: processing the folder again retries the file
+    failures["gone.png"] = 0
+    registered, drained = process_paths([tmp_path / "inbox"], quick)
+    assert registered.new == 0 and drained.finished == 1
+    (row,) = query_results(open_ledger(quick))
+    assert row["status"] == "done" and row["attempts"] == 1
