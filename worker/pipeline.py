@@ -68,7 +68,7 @@ def dead_local_workers(holders: Iterable[str]) -> list[str]:
         except ProcessLookupError:
             dead.append(holder)
         except PermissionError:
-            pass  # alive, owned by another user
+            continue  # the process exists; it belongs to another user
     return dead
 
 
