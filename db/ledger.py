@@ -23,6 +23,8 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    exists,
+    false,
     func,
     or_,
     select,
@@ -86,7 +88,8 @@ class Registered:
 
 
 # Failures that say nothing about the file itself; seeing the file again retries it.
-RETRYABLE_ERRORS = ("TransientIOError", "LeaseExpired")
+# A file that kept killing its workers (LeaseExpired, WorkerDied) is not retried this way.
+RETRYABLE_ERRORS = ("TransientIOError",)
 
 
 @dataclass(frozen=True)
@@ -380,6 +383,17 @@ def register_images(engine: Engine, items: Sequence[NewImage]) -> list[Registere
     return result
 
 
+def _owned_elsewhere(item: NewImage) -> Any:
+    """SQL: one of ``item``'s fingerprints belongs to an image other than the row at hand."""
+    pairs = [
+        and_(fingerprints.c.kind == kind, fingerprints.c.value == value)
+        for kind, value in _fingerprint_values(item)
+    ]
+    if not pairs:
+        return false()
+    return exists().where(or_(*pairs), fingerprints.c.image_id != images.c.id)
+
+
 def _requeue_retryable(
     conn: Connection,
     unique: dict[tuple[str, str | None], NewImage],
@@ -398,6 +412,8 @@ def _requeue_retryable(
                 images.c.sha256.is_(None) if sha is None else images.c.sha256 == sha,
                 images.c.status == "failed",
                 images.c.error_class.in_(RETRYABLE_ERRORS),
+                # A copy that took over its fingerprints meanwhile is the one to process.
+                ~_owned_elsewhere(unique[key]),
             )
             for row in conn.execute(
                 update(images)
@@ -479,6 +495,13 @@ def _mark_duplicates(
         )
         if moved.rowcount == 1:
             owners[fp] = (new_owner, None)
+        else:  # a concurrent re-send took it first: point at that one, not at the failure
+            current = conn.execute(
+                select(fingerprints.c.image_id).where(
+                    fingerprints.c.kind == fp[0], fingerprints.c.value == fp[1]
+                )
+            ).scalar_one()
+            owners[fp] = (current, None)
 
     updates: list[dict[str, Any]] = []
     for key, image_id in created_ids.items():
@@ -925,16 +948,35 @@ def lease_holders(engine: Engine) -> list[str]:
         return sorted(str(r.leased_by) for r in rows)
 
 
-def release_leases(engine: Engine, holders: Sequence[str]) -> int:
+def release_leases(
+    engine: Engine, holders: Sequence[str], *, max_attempts: int | None = None
+) -> int:
     """Queue again the ``processing`` images leased by ``holders`` (workers known to be dead),
-    without waiting for their leases to expire. Attempts are kept. Returns how many."""
+    without waiting for their leases to expire. Attempts are kept; with ``max_attempts``, an
+    image that has had that many is failed instead, so a file that kills its worker is not
+    retried forever. Returns how many were queued again."""
     if not holders:
         return 0
     now = utcnow()
+    held = and_(images.c.status == "processing", images.c.leased_by.in_(sorted(holders)))
     with write_transaction(engine) as conn:
+        if max_attempts is not None:
+            conn.execute(
+                update(images)
+                .where(held, images.c.attempts >= max_attempts)
+                .values(
+                    status="failed",
+                    error_class="WorkerDied",
+                    reason=f"the worker died while processing this image {max_attempts} times",
+                    lease_expires_at=None,
+                    leased_by=None,
+                    finished_at=now,
+                    updated_at=now,
+                )
+            )
         count = conn.execute(
             update(images)
-            .where(images.c.status == "processing", images.c.leased_by.in_(sorted(holders)))
+            .where(held)
             .values(status="queued", lease_expires_at=None, leased_by=None, updated_at=now)
         ).rowcount
     if count:

@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import (
     apply_color_lut,
@@ -160,12 +160,17 @@ def read_dicom_header(fp: BinaryIO, *, salt: str) -> dict[str, Any]:
         CorruptFileError: The header cannot be parsed.
     """
     header = _parse_or_raise(fp)
-    return _header_fields(header.ds, salt)
+    try:
+        # Elements are converted lazily: a damaged VR or length only surfaces on access.
+        return _header_fields(header.ds, salt)
+    except _PARSE_ERRORS as exc:
+        raise CorruptFileError(f"DICOM header cannot be parsed: {exc}") from exc
 
 
 # What pydicom raises on damaged bytes; each becomes a CorruptFileError with its message.
 _PARSE_ERRORS = (
     InvalidDicomError,
+    BytesLengthException,
     ValueError,
     TypeError,
     KeyError,
@@ -327,16 +332,18 @@ def decode_dicom(data: bytes) -> np.ndarray:
     except MemoryError:
         raise
     except (
-        ValueError,
-        TypeError,
-        KeyError,
-        AttributeError,
+        *_PARSE_ERRORS,
         IndexError,
-        OverflowError,
         ZeroDivisionError,
         struct.error,
     ) as exc:
         raise CorruptFileError(f"DICOM image attributes are inconsistent: {exc}") from exc
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:
+        # Decoder plugins written in Rust report a panic as pyo3's PanicException, which
+        # derives from BaseException; on damaged pixel data it must cost this file only.
+        raise CorruptFileError(f"the pixel decoder failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _decode_first_frame(ds: Dataset) -> np.ndarray:

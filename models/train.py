@@ -413,7 +413,12 @@ def train_bundle(
         raise
     forget_bundle(out)
     forget_bundle(final)
+    # Swap by renames, so a reader never finds the folder missing or half written.
+    old = final.with_name(f".{final.name}.previous")
+    if old.exists():
+        shutil.rmtree(old)
     if final.exists():
-        shutil.rmtree(final)
+        final.rename(old)
     out.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
     return TrainResult(final, manifest, history)

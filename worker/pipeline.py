@@ -12,7 +12,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -82,7 +82,7 @@ def describe_file(path: Path, settings: Settings, *, salt: str, queue: str) -> N
     """Read a file's header into a ledger row; a bad or refused file becomes a finished row.
 
     Returns None when the file cannot be read right now (an I/O error on a share that went
-    away): nothing is recorded, so the next scan or ``process`` run takes it afresh.
+    away): nothing is recorded, and the caller offers the file again later.
     """
     try:
         meta = read_header(
@@ -92,22 +92,11 @@ def describe_file(path: Path, settings: Settings, *, salt: str, queue: str) -> N
         log.warning("skipping %s for now: %s", path, exc)
         return None
     except IngestError as exc:
-        sha = size = None
-        if not isinstance(exc, FileVanishedError):
-            try:
-                sha, size = sha256_file(path), path.stat().st_size
-            except OSError:
-                pass
-        return NewImage(
-            path=str(path),
-            sha256=sha,
-            size_bytes=size,
-            format=None,
-            queue=queue,
-            status=exc.status,
-            error_class=exc.error_class,
-            reason=exc.reason,
-        )
+        return _refused_row(path, exc, queue)
+    except Exception as exc:  # a reader bug must cost one file, not the run
+        log.exception("unexpected error reading the header of %s", path)
+        failure = CorruptFileError(f"the header reader failed: {type(exc).__name__}: {exc}")
+        return _refused_row(path, failure, queue)
     status, error_class, reason = "queued", None, None
     try:
         check_acceptance(meta)
@@ -137,6 +126,26 @@ def describe_file(path: Path, settings: Settings, *, salt: str, queue: str) -> N
     )
 
 
+def _refused_row(path: Path, exc: IngestError, queue: str) -> NewImage:
+    """A finished row for a file refused at the door, with its sha256 when it can be read."""
+    sha = size = None
+    if not isinstance(exc, FileVanishedError):
+        try:
+            sha, size = sha256_file(path), path.stat().st_size
+        except (OSError, IngestError):
+            sha = size = None  # unreadable: the row keeps the path and the reason
+    return NewImage(
+        path=str(path),
+        sha256=sha,
+        size_bytes=size,
+        format=None,
+        queue=queue,
+        status=exc.status,
+        error_class=exc.error_class,
+        reason=exc.reason,
+    )
+
+
 @dataclass
 class RegisterSummary:
     seen: int = 0
@@ -144,6 +153,7 @@ class RegisterSummary:
     duplicates: int = 0
     refused: int = 0
     skipped: int = 0  # unreadable for now (I/O error); not recorded, taken again next time
+    skipped_paths: list[Path] = field(default_factory=list)
 
 
 def _chunks(items: Iterable[Path], size: int) -> Iterator[list[Path]]:
@@ -177,7 +187,8 @@ def register_paths(
             )
         )
         rows = [row for row in described if row is not None]
-        summary.skipped += len(described) - len(rows)
+        summary.skipped_paths.extend(p for p, row in zip(chunk, described, strict=True) if not row)
+        summary.skipped = len(summary.skipped_paths)
         registered = register_images(engine, rows)
         summary.seen += len(chunk)
         queued = []

@@ -59,7 +59,9 @@ def open_ledger(settings: Settings) -> Engine:
 def recover_leases(engine: Engine, settings: Settings) -> int:
     """Queue again what crashed workers left ``processing``: leases that expired, and at once
     those held by a process of this host that no longer exists (a killed ``process`` run)."""
-    released = release_leases(engine, dead_local_workers(lease_holders(engine)))
+    released = release_leases(
+        engine, dead_local_workers(lease_holders(engine)), max_attempts=settings.max_attempts
+    )
     return released + reclaim_expired(engine, max_attempts=settings.max_attempts)
 
 
@@ -221,10 +223,12 @@ def watch_inbox(
     ):
         on_event(f"watching {inbox} ({'polling' if settings.poll else 'file events'})")
         last_sweep = 0.0
+        unreadable: set[Path] = set()  # I/O errors at registration; offered again each sweep
         while not stop.is_set():
             files = watcher.ready(timeout=0.5)
             if files:
                 reg = register_paths(engine, files, settings, queue="live", pool=pool)
+                unreadable.update(reg.skipped_paths)
                 on_event(
                     f"registered {reg.new} new file(s): {reg.duplicates} duplicate(s), "
                     f"{reg.refused} refused"
@@ -233,6 +237,12 @@ def watch_inbox(
             if not files and time.monotonic() - last_sweep < IDLE_SWEEP_SECONDS:
                 continue
             last_sweep = time.monotonic()
+            if unreadable:
+                retry = sorted(p for p in unreadable if p.exists())
+                unreadable.clear()
+                unreadable.update(
+                    register_paths(engine, retry, settings, queue="live", pool=pool).skipped_paths
+                )
             summary = drain(engine, bundle, settings, pool, stop=stop, wait_for_retries=False)
             if summary.finished:
                 counts = count_by_status(engine)

@@ -624,3 +624,29 @@ def test_registering_a_transiently_failed_file_again_queues_it(db_engine: Engine
     (first,) = register_images(db_engine, [bad])
     (second,) = register_images(db_engine, [_new("/in/b.dcm", 2)])
     assert not second.requeued and second.status == "failed"
+
+
+def test_a_file_that_keeps_killing_its_worker_is_failed_not_retried(db_engine: Engine) -> None:
+    (reg,) = register_images(db_engine, [_new("/in/poison.dcm", 1)])
+    for attempt, worker in enumerate(["host:1", "host:2", "host:3"], start=1):
+        (claimed,) = claim_batch(db_engine, limit=1, lease_seconds=3600, worker_id=worker)
+        assert claimed.attempts == attempt
+        release_leases(db_engine, [worker], max_attempts=3)
+    row = _image(db_engine, reg.image_id)
+    assert row["status"] == "failed" and row["error_class"] == "WorkerDied"
+    # seeing the file again does not start the cycle over
+    (again,) = register_images(db_engine, [_new("/in/poison.dcm", 1)])
+    assert not again.requeued and again.status == "failed"
+
+
+def test_a_failed_file_whose_copy_took_over_is_not_queued_twice(db_engine: Engine) -> None:
+    (p,) = register_images(db_engine, [_new("/in/p.dcm", 1, sop_instance_uid="1.2.3.9")])
+    claim_batch(db_engine, limit=1, lease_seconds=60, worker_id="w")
+    release_for_retry(
+        db_engine, [p.image_id], error_class="TransientIOError", reason="EIO", max_attempts=1
+    )
+    (q,) = register_images(db_engine, [_new("/in/q.dcm", 1, sop_instance_uid="1.2.3.9")])
+    assert q.status == "queued"  # the copy took over the failed image's fingerprints
+    (p_again,) = register_images(db_engine, [_new("/in/p.dcm", 1, sop_instance_uid="1.2.3.9")])
+    assert not p_again.requeued and p_again.status == "failed"
+    assert _claim_all(db_engine) == [q.image_id]

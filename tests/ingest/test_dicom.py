@@ -231,3 +231,16 @@ def test_huge_header_is_refused_before_any_allocation(make_dicom, edit_dicom) ->
         tracemalloc.stop()
     assert time.perf_counter() - started < 5.0
     assert peak < 50_000_000  # a decode would need 3.6 GB
+
+
+def test_a_damaged_value_representation_is_a_corrupt_file(make_dicom) -> None:
+    # An unknown VR only surfaces when the element is read; it must still be an IngestError.
+    path = make_dicom("vr.dcm", photometric="MONOCHROME2")
+    data = path.read_bytes()
+    tag = b"\x08\x00\x60\x00CS"  # (0008,0060) Modality, explicit VR
+    assert tag in data
+    path.write_bytes(data.replace(tag, b"\x08\x00\x60\x00XS"))
+    with pytest.raises(CorruptFileError, match="cannot be parsed|inconsistent"):
+        read_header(path, salt="s")
+    with pytest.raises(CorruptFileError):
+        read_image(path, salt="s")

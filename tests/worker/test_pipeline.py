@@ -262,3 +262,23 @@ def test_a_read_error_that_persists_ends_failed_after_the_cap(tmp_path, settings
     assert registered.new == 0 and drained.finished == 1
     (row,) = query_results(open_ledger(quick))
     assert row["status"] == "done" and row["attempts"] == 1
+
+
+def test_a_header_reader_crash_costs_one_file_not_the_run(tmp_path, settings, monkeypatch):
+    import worker.pipeline as pipeline
+
+    inbox = tmp_path / "inbox"
+    _png(inbox / "good.png", 1.0)
+    _png(inbox / "odd.png", 0.9)
+    real = pipeline.read_header
+
+    def read_header(path, **kw):
+        if Path(path).name == "odd.png":
+            raise RuntimeError("reader bug")
+        return real(path, **kw)
+
+    monkeypatch.setattr(pipeline, "read_header", read_header)
+    process_paths([inbox], settings)
+    rows = _by_name(open_ledger(settings))
+    assert rows["good.png"]["status"] == "done"
+    assert rows["odd.png"]["status"] == "failed" and "reader bug" in rows["odd.png"]["reason"]
