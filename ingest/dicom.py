@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import struct
+import zlib
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -171,6 +172,7 @@ def read_dicom_header(fp: BinaryIO, *, salt: str) -> dict[str, Any]:
 _PARSE_ERRORS = (
     InvalidDicomError,
     BytesLengthException,
+    zlib.error,  # a damaged deflated dataset
     ValueError,
     TypeError,
     KeyError,
