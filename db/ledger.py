@@ -222,6 +222,32 @@ def retry_delay(attempts: int, *, base: float, cap: float, rng: random.Random) -
     return delay * rng.uniform(0.75, 1.25)
 
 
+def _give_up(conn: Connection, where: Any, *, error_class: str, reason: str, now: datetime) -> int:
+    """Finish the rows matching ``where`` as ``failed`` with the reason, lease cleared."""
+    return conn.execute(
+        update(images)
+        .where(where)
+        .values(
+            status="failed",
+            error_class=error_class,
+            reason=reason,
+            lease_expires_at=None,
+            leased_by=None,
+            finished_at=now,
+            updated_at=now,
+        )
+    ).rowcount
+
+
+def _queue_again(conn: Connection, where: Any, *, now: datetime) -> int:
+    """Put the rows matching ``where`` back to ``queued``, lease cleared, attempts kept."""
+    return conn.execute(
+        update(images)
+        .where(where)
+        .values(status="queued", lease_expires_at=None, leased_by=None, updated_at=now)
+    ).rowcount
+
+
 def _fail_exhausted(conn: Connection, now: datetime, max_attempts: int | None) -> int:
     """Mark lease-expired rows that used up their attempts as failed; returns how many.
 
@@ -230,22 +256,16 @@ def _fail_exhausted(conn: Connection, now: datetime, max_attempts: int | None) -
     """
     if max_attempts is None:
         return 0
-    result = conn.execute(
-        update(images)
-        .where(_expired(now), images.c.attempts >= max_attempts)
-        .values(
-            status="failed",
-            error_class="LeaseExpired",
-            reason=f"worker lease expired {max_attempts} times; giving up",
-            lease_expires_at=None,
-            leased_by=None,
-            finished_at=now,
-            updated_at=now,
-        )
+    count = _give_up(
+        conn,
+        and_(_expired(now), images.c.attempts >= max_attempts),
+        error_class="LeaseExpired",
+        reason=f"worker lease expired {max_attempts} times; giving up",
+        now=now,
     )
-    if result.rowcount:
-        logger.warning("failed %d images whose lease expired too often", result.rowcount)
-    return result.rowcount
+    if count:
+        logger.warning("failed %d images whose lease expired too often", count)
+    return count
 
 
 def _lease(
@@ -849,19 +869,13 @@ def release_for_retry(
             mine = and_(images.c.id.in_(chunk), images.c.status == "processing")
             if worker_id is not None:
                 mine = and_(mine, images.c.leased_by == worker_id)
-            n_failed += conn.execute(
-                update(images)
-                .where(mine, images.c.attempts >= max_attempts)
-                .values(
-                    status="failed",
-                    error_class=error_class,
-                    reason=f"{reason} (gave up after {max_attempts} attempts)",
-                    lease_expires_at=None,
-                    leased_by=None,
-                    finished_at=now,
-                    updated_at=now,
-                )
-            ).rowcount
+            n_failed += _give_up(
+                conn,
+                and_(mine, images.c.attempts >= max_attempts),
+                error_class=error_class,
+                reason=f"{reason} (gave up after {max_attempts} attempts)",
+                now=now,
+            )
             retry = [
                 {
                     "b_id": row.id,
@@ -914,11 +928,7 @@ def reclaim_expired(engine: Engine, *, max_attempts: int | None = None) -> int:
     now = utcnow()
     with write_transaction(engine) as conn:
         _fail_exhausted(conn, now, max_attempts)
-        count = conn.execute(
-            update(images)
-            .where(_expired(now))
-            .values(status="queued", lease_expires_at=None, leased_by=None, updated_at=now)
-        ).rowcount
+        count = _queue_again(conn, _expired(now), now=now)
     if count:
         logger.info("reclaimed %d images with expired leases", count)
     return count
@@ -961,24 +971,14 @@ def release_leases(
     held = and_(images.c.status == "processing", images.c.leased_by.in_(sorted(holders)))
     with write_transaction(engine) as conn:
         if max_attempts is not None:
-            conn.execute(
-                update(images)
-                .where(held, images.c.attempts >= max_attempts)
-                .values(
-                    status="failed",
-                    error_class="WorkerDied",
-                    reason=f"the worker died while processing this image {max_attempts} times",
-                    lease_expires_at=None,
-                    leased_by=None,
-                    finished_at=now,
-                    updated_at=now,
-                )
+            _give_up(
+                conn,
+                and_(held, images.c.attempts >= max_attempts),
+                error_class="WorkerDied",
+                reason=f"the worker died while processing this image {max_attempts} times",
+                now=now,
             )
-        count = conn.execute(
-            update(images)
-            .where(held)
-            .values(status="queued", lease_expires_at=None, leased_by=None, updated_at=now)
-        ).rowcount
+        count = _queue_again(conn, held, now=now)
     if count:
         logger.info("released %d images leased by dead workers %s", count, list(holders))
     return count

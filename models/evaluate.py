@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score
 
-from ingest import MURA_PARTS, IngestError, read_image
+from ingest import MURA_PARTS, DecodedImage, IngestError, read_image
 from models.bundle import OTHER, Bundle
 from models.cascade import Prediction, run_cascade
 from models.datasets import Sample
@@ -37,23 +37,25 @@ def predict_samples(
     on_batch: Callable[[int], None] | None = None,
 ) -> list[Scored]:
     """Read every sample and run the cascade over it in batches."""
+
+    def read(sample: Sample) -> DecodedImage | None:
+        try:
+            return read_image(sample.path, salt=salt)
+        except (IngestError, OSError) as exc:
+            log.warning("skipping %s: %s", sample.path, exc)
+            return None
+
     scored: list[Scored] = []
     with ThreadPoolExecutor(max_workers=2) as pool:
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
-
-            def read(sample: Sample):  # noqa: ANN202 - local helper
-                try:
-                    return read_image(sample.path, salt=salt)
-                except (IngestError, OSError) as exc:
-                    log.warning("skipping %s: %s", sample.path, exc)
-                    return None
-
             images = list(pool.map(read, chunk))
-            ok = [(s, im) for s, im in zip(chunk, images, strict=True) if im is not None]
-            preds = run_cascade([im for _, im in ok], bundle, batch_size=batch_size)
-            by_path = {s.path: p for (s, _), p in zip(ok, preds, strict=True)}
-            scored.extend(Scored(s, by_path.get(s.path)) for s in chunk)
+            readable = [im for im in images if im is not None]
+            preds = iter(run_cascade(readable, bundle, batch_size=batch_size))
+            scored.extend(
+                Scored(s, None if im is None else next(preds))
+                for s, im in zip(chunk, images, strict=True)
+            )
             if on_batch is not None:
                 on_batch(len(chunk))
     return scored

@@ -112,18 +112,15 @@ def _class_weights(y: np.ndarray, n: int) -> dict[int, float]:
     return {i: float(total / (n * c)) if c else 0.0 for i, c in enumerate(counts)}
 
 
-class _EpochReport:
+def _epoch_reporter(stage: str, epochs: int, report: Report) -> Any:
     """A Keras callback that forwards one line per epoch to ``report``."""
+    import keras
 
-    def __new__(cls, stage: str, epochs: int, report: Report) -> Any:
-        import keras
+    def on_epoch_end(epoch: int, logs: dict[str, float] | None = None) -> None:
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted((logs or {}).items()))
+        report(f"{stage}: epoch {epoch + 1}/{epochs} {shown}")
 
-        class Callback(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-                shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted((logs or {}).items()))
-                report(f"{stage}: epoch {epoch + 1}/{epochs} {shown}")
-
-        return Callback()
+    return keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)
 
 
 def _fit(
@@ -169,7 +166,7 @@ def _fit(
         keras.callbacks.ReduceLROnPlateau(
             monitor=monitor, mode=mode, factor=0.5, patience=max(config.patience // 2, 1)
         ),
-        _EpochReport(stage, epochs, report),
+        _epoch_reporter(stage, epochs, report),
     ]
     history = trainer.fit(
         x,

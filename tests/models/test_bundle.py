@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from ingest import MURA_PARTS
 from models.bundle import BundleError, load_bundle, read_manifest
 from tests.models.conftest import build_tiny_bundle
 
@@ -12,15 +13,7 @@ def test_load_once_per_process(tiny_bundle):
 
 def test_manifest_lists_every_part(tiny_bundle):
     manifest = read_manifest(tiny_bundle)
-    assert manifest.parts() == [
-        "ELBOW",
-        "FINGER",
-        "FOREARM",
-        "HAND",
-        "HUMERUS",
-        "SHOULDER",
-        "WRIST",
-    ]
+    assert manifest.parts() == list(MURA_PARTS)
 
 
 def test_tampered_weights_are_refused(tmp_path):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from pydicom.data import get_testdata_file
 
 from db import count_by_status, query_results, query_studies
@@ -199,48 +202,52 @@ def test_patient_name_and_id_never_reach_the_ledger(tmp_path, settings, caplog):
     assert "8675309" not in caplog.text and "Doe^Jane" not in caplog.text
 
 
-def test_a_decoder_crash_costs_one_file_not_the_run(tmp_path, settings, monkeypatch):
+def _inject_faults(
+    monkeypatch, reader: str, faults: dict[str, int], error: Callable[[Path], BaseException]
+) -> None:
+    """Make the pipeline's ``reader`` raise ``error(path)`` for the named files, as many times
+    as ``faults`` says (a dict the test may change later, as a share coming back)."""
     import worker.pipeline as pipeline
 
+    real = getattr(pipeline, reader)
+
+    def faulty(path, **kw):
+        name = Path(path).name
+        if faults.get(name, 0) > 0:
+            faults[name] -= 1
+            raise error(Path(path))
+        return real(path, **kw)
+
+    monkeypatch.setattr(pipeline, reader, faulty)
+
+
+def _eio(path: Path) -> OSError:
+    return OSError(errno.EIO, "Input/output error", str(path))
+
+
+@pytest.mark.parametrize(
+    ("reader", "error", "shown"),
+    [
+        ("read_image", RecursionError("decoder recursed too deep"), "RecursionError"),
+        ("read_header", RuntimeError("reader bug"), "reader bug"),
+    ],
+)
+def test_a_reader_crash_costs_one_file_not_the_run(
+    tmp_path, settings, monkeypatch, reader, error, shown
+):
     inbox = tmp_path / "inbox"
     _png(inbox / "good.png", 1.0)
-    _png(inbox / "poison.png", 0.9)
-    real_read = pipeline.read_image
-
-    def read(path, **kw):
-        if Path(path).name == "poison.png":
-            raise RecursionError("decoder recursed too deep")
-        return real_read(path, **kw)
-
-    monkeypatch.setattr(pipeline, "read_image", read)
+    _png(inbox / "odd.png", 0.9)
+    _inject_faults(monkeypatch, reader, {"odd.png": 99}, lambda _path: error)
     process_paths([inbox], settings)
     rows = _by_name(open_ledger(settings))
     assert rows["good.png"]["status"] == "done"
-    assert rows["poison.png"]["status"] == "failed"
-    assert "RecursionError" in rows["poison.png"]["reason"]
-
-
-def _flaky_reads(monkeypatch, failures: dict[str, int]) -> None:
-    """Make reads of the named files raise EIO a number of times, as a share that drops out."""
-    import errno
-
-    import worker.pipeline as pipeline
-
-    real_read = pipeline.read_image
-
-    def read(path, **kw):
-        name = Path(path).name
-        if failures.get(name, 0) > 0:
-            failures[name] -= 1
-            raise OSError(errno.EIO, "Input/output error", str(path))
-        return real_read(path, **kw)
-
-    monkeypatch.setattr(pipeline, "read_image", read)
+    assert rows["odd.png"]["status"] == "failed" and shown in rows["odd.png"]["reason"]
 
 
 def test_a_transient_read_error_is_retried_after_a_backoff(tmp_path, settings, monkeypatch):
     _png(tmp_path / "inbox" / "flaky.png", 1.0)
-    _flaky_reads(monkeypatch, {"flaky.png": 1})
+    _inject_faults(monkeypatch, "read_image", {"flaky.png": 1}, _eio)
     quick = settings.model_copy(update={"retry_backoff_seconds": 0.3})
     process_paths([tmp_path / "inbox"], quick)
     (row,) = query_results(open_ledger(quick))
@@ -250,7 +257,7 @@ def test_a_transient_read_error_is_retried_after_a_backoff(tmp_path, settings, m
 def test_a_read_error_that_persists_ends_failed_after_the_cap(tmp_path, settings, monkeypatch):
     _png(tmp_path / "inbox" / "gone.png", 1.0)
     failures = {"gone.png": 99}
-    _flaky_reads(monkeypatch, failures)
+    _inject_faults(monkeypatch, "read_image", failures, _eio)
     quick = settings.model_copy(update={"retry_backoff_seconds": 0.1, "max_attempts": 3})
     process_paths([tmp_path / "inbox"], quick)
     (row,) = query_results(open_ledger(quick))
@@ -262,23 +269,3 @@ def test_a_read_error_that_persists_ends_failed_after_the_cap(tmp_path, settings
     assert registered.new == 0 and drained.finished == 1
     (row,) = query_results(open_ledger(quick))
     assert row["status"] == "done" and row["attempts"] == 1
-
-
-def test_a_header_reader_crash_costs_one_file_not_the_run(tmp_path, settings, monkeypatch):
-    import worker.pipeline as pipeline
-
-    inbox = tmp_path / "inbox"
-    _png(inbox / "good.png", 1.0)
-    _png(inbox / "odd.png", 0.9)
-    real = pipeline.read_header
-
-    def read_header(path, **kw):
-        if Path(path).name == "odd.png":
-            raise RuntimeError("reader bug")
-        return real(path, **kw)
-
-    monkeypatch.setattr(pipeline, "read_header", read_header)
-    process_paths([inbox], settings)
-    rows = _by_name(open_ledger(settings))
-    assert rows["good.png"]["status"] == "done"
-    assert rows["odd.png"]["status"] == "failed" and "reader bug" in rows["odd.png"]["reason"]
