@@ -77,7 +77,6 @@ def _drain_pass(
     settings: Settings,
     pool: ThreadPoolExecutor,
     *,
-    queues: tuple[str, ...] | None = None,
     on_finished: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
 ) -> DrainSummary:
@@ -97,7 +96,6 @@ def _drain_pass(
                     limit=settings.batch_size,
                     lease_seconds=settings.lease_seconds,
                     worker_id=me,
-                    queues=queues,
                     max_attempts=settings.max_attempts,
                 )
                 if not claimed:
@@ -136,7 +134,6 @@ def drain(
     settings: Settings,
     pool: ThreadPoolExecutor,
     *,
-    queues: tuple[str, ...] | None = None,
     on_finished: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
     wait_for_retries: bool = True,
@@ -149,19 +146,13 @@ def drain(
     """
     total = DrainSummary()
     while True:
-        done = _drain_pass(
-            engine, bundle, settings, pool, queues=queues, on_finished=on_finished, stop=stop
-        )
+        done = _drain_pass(engine, bundle, settings, pool, on_finished=on_finished, stop=stop)
         total.finished += done.finished
         total.batches += done.batches
         when = next_retry_at(engine) if wait_for_retries else None
         if when is None or (stop is not None and stop.is_set()):
             return total
-        pause = max((when - datetime.now(UTC)).total_seconds(), 0.0)
-        if stop is not None:
-            stop.wait(pause)
-        else:
-            time.sleep(pause)
+        (stop or threading.Event()).wait(max((when - datetime.now(UTC)).total_seconds(), 0.0))
 
 
 def process_paths(
