@@ -4,6 +4,7 @@ Imports nothing else from bonewatch. ``ingest.dicom`` is the only module that im
 """
 
 from ingest.errors import (
+    BadFileNameError,
     CorruptFileError,
     EmptyFileError,
     FileChangedError,
@@ -16,12 +17,13 @@ from ingest.errors import (
     UnreadableFileError,
     UnsupportedBodyPartError,
     UnsupportedModalityError,
+    UnsupportedMultiFrameError,
     UnsupportedPixelFormatError,
     UnsupportedTransferSyntaxError,
 )
 from ingest.mura import MURA_PARTS, parse_mura_path
 from ingest.policy import body_part_hint, check_acceptance
-from ingest.reader import read_header, read_image, sha256_file
+from ingest.reader import printable_path, read_header, read_image, sha256_file
 from ingest.types import DecodedImage, ImageMeta
 from ingest.watcher import InboxWatcher, is_candidate_name, iter_candidate_files
 from ingest.writers import TRANSFER_SYNTAXES_WRITABLE, make_uid, write_dicom, write_png
@@ -29,6 +31,7 @@ from ingest.writers import TRANSFER_SYNTAXES_WRITABLE, make_uid, write_dicom, wr
 __all__ = [
     "MURA_PARTS",
     "TRANSFER_SYNTAXES_WRITABLE",
+    "BadFileNameError",
     "CorruptFileError",
     "DecodedImage",
     "EmptyFileError",
@@ -44,6 +47,7 @@ __all__ = [
     "UnreadableFileError",
     "UnsupportedBodyPartError",
     "UnsupportedModalityError",
+    "UnsupportedMultiFrameError",
     "UnsupportedPixelFormatError",
     "UnsupportedTransferSyntaxError",
     "body_part_hint",
@@ -52,6 +56,7 @@ __all__ = [
     "iter_candidate_files",
     "make_uid",
     "parse_mura_path",
+    "printable_path",
     "read_header",
     "read_image",
     "sha256_file",

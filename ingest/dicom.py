@@ -34,6 +34,9 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
     generate_uid,
@@ -44,6 +47,7 @@ from ingest.errors import (
     IngestError,
     NoPixelDataError,
     TruncatedFileError,
+    UnsupportedMultiFrameError,
     UnsupportedPixelFormatError,
     UnsupportedTransferSyntaxError,
 )
@@ -69,7 +73,11 @@ _SOP_CLASS_FOR_MODALITY = {
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # (7FE0,0008) Float, (7FE0,0009) Double Float and (7FE0,0010) Pixel Data, as little-endian bytes.
 _PIXEL_TAG_BYTES = (b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00", b"\xe0\x7f\x10\x00")
-_DECODER_PREFERENCE = ("pylibjpeg", "pyjpegls", "pydicom", "pillow", "gdcm")
+# imagecodecs (libjpeg-turbo) is ours, registered below for 12-bit JPEG Extended and JPEG
+# Lossless, where pydicom would otherwise have only GDCM or nothing.
+_DECODER_PREFERENCE = ("pylibjpeg", "pyjpegls", "pydicom", "imagecodecs", "pillow", "gdcm")
+_IMAGECODECS_PLUGIN = ("imagecodecs", ("ingest.dicom_jpeg", "_decode_frame"))
+_IMAGECODECS_SYNTAXES = (JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1)
 # Encoders by syntax; GDCM's RLE encoder aborts the process on odd widths, so it is never used.
 _ENCODING_PLUGIN = {
     RLELossless: "pylibjpeg",
@@ -80,6 +88,20 @@ _ENCODING_PLUGIN = {
 _J2K_MIN_SIDE = 32
 # A preamble-less dataset starts with file meta (0002,xxxx) or identifying (0008,xxxx) elements.
 _FIRST_GROUPS = (0x0002, 0x0008)
+
+
+def _register_decoder_plugins() -> None:
+    """Add the imagecodecs JPEG plugin to pydicom's decoders (once; pydicom's own are kept)."""
+    label, import_path = _IMAGECODECS_PLUGIN
+    for tsyntax in _IMAGECODECS_SYNTAXES:
+        decoder = get_decoder(tsyntax)
+        known = decoder.available_plugins + tuple(decoder.missing_dependencies)
+        if not any(name == label or name.startswith(f"{label} ") for name in known):
+            decoder.add_plugin(label, import_path)
+
+
+# At import, before any decoding thread starts: pydicom's add_plugin is not thread-safe.
+_register_decoder_plugins()
 
 
 class SourceReadError(Exception):
@@ -244,6 +266,7 @@ def _header_fields(ds: Dataset, salt: str) -> dict[str, Any]:
             "photometric": _text(ds, "PhotometricInterpretation"),
             "transfer_syntax": str(_transfer_syntax(ds)),
             "bits_stored": _int(ds, "BitsStored"),
+            "number_of_frames": _int(ds, "NumberOfFrames"),
         }
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError, UnicodeError) as exc:
         raise CorruptFileError(f"DICOM header has an unreadable value: {exc}") from exc
@@ -263,8 +286,11 @@ def _choose_decoding_plugin(tsyntax: UID) -> str:
     bad file; so GDCM is used only where nothing else decodes the syntax.
 
     Raises:
+        CorruptFileError: ``tsyntax`` is not even a well-formed UID (damaged file meta).
         UnsupportedTransferSyntaxError: No installed plugin decodes ``tsyntax``.
     """
+    if not tsyntax.is_valid:
+        raise CorruptFileError(f"the transfer syntax UID {tsyntax!r} is damaged")
     try:
         decoder = get_decoder(tsyntax)
     except (NotImplementedError, ValueError) as exc:
@@ -288,22 +314,77 @@ def _expected_native_bytes(ds: Dataset) -> int:
     frames = _int(ds, "NumberOfFrames") or 1
     bits = int(ds.BitsAllocated)
     samples = int(ds.get("SamplesPerPixel", 1))
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "YBR_FULL_422":
+        # Two pixels share one Cb and one Cr: 2 samples per pixel on average (PS3.3 C.7.6.3.1.2).
+        samples = 2
     total_bits = int(ds.Rows) * int(ds.Columns) * samples * frames * bits
     return (total_bits + 7) // 8
 
 
-def decode_dicom(data: bytes) -> np.ndarray:
-    """Decode a DICOM image's first frame to display grey float32 (H, W) in [0, 1].
+def _check_single_frame(ds: Dataset) -> None:
+    frames = _int(ds, "NumberOfFrames")
+    if frames is not None and frames > 1:
+        raise UnsupportedMultiFrameError.for_frames(frames)
 
-    Multi-frame objects give their first frame; what to do with the other frames is a later
-    decision. Modality and VOI transforms come from the top-level dataset, so an enhanced
-    multi-frame object's per-frame functional groups are not consulted.
+
+def _check_declared_length(ds: Dataset) -> None:
+    """A native pixel element that declares more bytes than the file holds is a partial copy.
+
+    pydicom reads what is there without complaint, so a 2 GB claim in a 2 kB file would
+    otherwise pass whenever the rows and columns happen to fit in what was read.
+    """
+    raw = ds.get_item("PixelData")
+    length = getattr(raw, "length", None)
+    value = getattr(raw, "value", None)
+    if length is None or length == 0xFFFFFFFF or not isinstance(value, bytes | bytearray):
+        return
+    if len(value) < length:
+        raise TruncatedFileError(
+            f"pixel data element declares {length} bytes but the file holds {len(value)}: "
+            "the file is cut short or its header is damaged"
+        )
+
+
+def _without_pixels(ds: Dataset, header: _Header) -> IngestError:
+    """Why a parsed object has no pixel element: it has none by nature, or it lost them."""
+    if header.pixel_offset is not None:
+        # pydicom drops an encapsulated pixel element whose items run past the end.
+        return TruncatedFileError("DICOM file ends inside its pixel data element")
+    if "Rows" in ds and "Columns" in ds:
+        # The image pixel module is there but its pixels are not: a copy cut off before them.
+        return TruncatedFileError(
+            "DICOM image has Rows and Columns but the file ends before its pixel data"
+        )
+    sop_class = UID(_text(ds, "SOPClassUID") or "")
+    if not sop_class or not sop_class.is_valid:
+        return CorruptFileError(
+            "DICOM object has neither a valid SOP Class UID nor pixel data: the file is damaged "
+            "or cut short"
+        )
+    if sop_class.name != str(sop_class) and "Image Storage" in sop_class.name:
+        # An image SOP class parsed without its image attributes: they were cut off or the
+        # parse stopped at damaged bytes before them.
+        return CorruptFileError(
+            f"{sop_class.name} object ends before its image attributes and pixel data: the file "
+            "is damaged or cut short"
+        )
+    label = sop_class.name if sop_class.name != str(sop_class) else "an unlisted SOP class"
+    return NoPixelDataError(f"DICOM object has no pixel data: {label} ({sop_class})")
+
+
+def decode_dicom(data: bytes) -> np.ndarray:
+    """Decode a single-frame DICOM image to display grey float32 (H, W) in [0, 1].
+
+    An object of more than one frame is refused: bonewatch reads single-frame radiographs, and
+    a cine loop or tomosynthesis stack is not one. Modality and VOI transforms come from the
+    top-level dataset.
 
     Args:
         data: The whole file.
 
     Raises:
         NoPixelDataError: The object has no image (SR, presentation state, ...).
+        UnsupportedMultiFrameError: NumberOfFrames is above 1.
         UnsupportedTransferSyntaxError: No installed decoder handles the transfer syntax.
         TruncatedFileError: The pixel data ends early.
         CorruptFileError: The pixel data or its describing attributes are damaged.
@@ -318,16 +399,13 @@ def decode_dicom(data: bytes) -> np.ndarray:
         raise CorruptFileError(f"DICOM file cannot be parsed: {exc}") from exc
 
     if not any(k in ds for k in _PIXEL_KEYWORDS):
-        if header.pixel_offset is not None:
-            # pydicom drops an encapsulated pixel element whose items run past the end.
-            raise TruncatedFileError("DICOM file ends inside its pixel data element")
-        sop_class = UID(_text(ds, "SOPClassUID") or "")
-        label = f"{sop_class.name} ({sop_class})" if sop_class else "an unknown SOP class"
-        raise NoPixelDataError(f"DICOM object has no pixel data: {label}")
+        raise _without_pixels(ds, header)
     if "PixelData" not in ds:
         raise UnsupportedPixelFormatError("float pixel data (parametric map) is not a radiograph")
 
     try:
+        _check_single_frame(ds)
+        _check_declared_length(ds)
         return _render_grey(ds)
     except IngestError:
         raise
@@ -363,7 +441,7 @@ def _decode_first_frame(ds: Dataset) -> np.ndarray:
                 f"pixel data has {len(ds.PixelData)} of {expected} bytes: the file is cut short"
             )
     try:
-        # index=0 decodes only the first frame; see decode_dicom on multi-frame objects.
+        # index=0: decode_dicom has already refused objects of more than one frame.
         return pixel_array(ds, index=0, decoding_plugin=plugin)
     except MemoryError:
         raise
@@ -384,7 +462,7 @@ def _render_grey(ds: Dataset) -> np.ndarray:
             raise CorruptFileError(f"{photometric} pixel data has shape {arr.shape}, not (H, W)")
         return _render_monochrome(arr, ds, photometric).astype(np.float32)
     if photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(arr, ds)
+        rgb = apply_color_lut(arr, _palette_in_native_order(ds))
         depth = int(ds.RedPaletteColorLookupTableDescriptor[2])
         return luminance(rgb, float(2**depth - 1)).astype(np.float32)
     if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"):
@@ -392,6 +470,27 @@ def _render_grey(ds: Dataset) -> np.ndarray:
         max_value = float(2 ** int(ds.get("BitsStored") or ds.BitsAllocated) - 1)
         return luminance(arr, max_value).astype(np.float32)
     raise UnsupportedPixelFormatError(f"photometric interpretation {photometric} is not supported")
+
+
+_PALETTE_DATA = tuple(
+    f"{colour}PaletteColorLookupTableData" for colour in ("Red", "Green", "Blue", "Alpha")
+)
+
+
+def _palette_in_native_order(ds: Dataset) -> Dataset:
+    """The dataset with 16-bit palette LUT data in little-endian order.
+
+    pydicom's apply_color_lut reads (non-segmented) OW LUT data in the machine's order, so a big
+    endian file's palette would come out byte-swapped (white as 1/256 of full scale).
+    """
+    if _transfer_syntax(ds) != ExplicitVRBigEndian:
+        return ds
+    entries = int(ds.RedPaletteColorLookupTableDescriptor[0]) or 2**16
+    for keyword in _PALETTE_DATA:
+        value = ds.get(keyword)
+        if isinstance(value, bytes | bytearray) and len(value) == 2 * entries:
+            ds[keyword].value = np.frombuffer(value, dtype=">u2").astype("<u2").tobytes()
+    return ds
 
 
 def _stored_range(ds: Dataset) -> tuple[float, float]:
@@ -441,12 +540,42 @@ def _apply_voi_normalised(values: np.ndarray, ds: Dataset) -> np.ndarray:
     return (values.astype(np.float64) - lo) / (hi - lo)
 
 
+def _lut_table(item: Dataset, ds: Dataset) -> np.ndarray:
+    """A LUT item's data as integers, whichever way the file stored them (US values or OW)."""
+    value = item["LUTData"].value
+    if isinstance(value, bytes | bytearray):
+        order = ">" if _transfer_syntax(ds) == ExplicitVRBigEndian else "<"
+        return np.frombuffer(value, dtype=f"{order}u2").astype(np.int64)
+    values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+    return np.asarray(values, dtype=np.int64)
+
+
+def _apply_modality(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Stored values through the Modality LUT Sequence, else the rescale (PS3.3 C.11.1).
+
+    The sequence is looked up here because pydicom's apply_modality_lut builds a ``uint<N>``
+    array from the descriptor's bit depth, which fails for the legal depths other than 8 and 16
+    (a 12-bit CR modality LUT is common).
+    """
+    items = ds.get("ModalityLUTSequence")
+    if not items:
+        return apply_modality_lut(arr, ds)
+    item = items[0]
+    entries, first = int(item.LUTDescriptor[0]) or 2**16, int(item.LUTDescriptor[1])
+    table = _lut_table(item, ds)
+    if len(table) < entries:
+        raise CorruptFileError(f"Modality LUT declares {entries} entries but holds {len(table)}")
+    # Below the first mapped value: the first entry; past the last: the last entry.
+    index = np.clip(arr.astype(np.int64) - first, 0, entries - 1)
+    return table[index]
+
+
 def _render_monochrome(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
     bits_stored = int(ds.get("BitsStored") or ds.BitsAllocated)
     if arr.dtype.kind == "u" and bits_stored < arr.dtype.itemsize * 8:
         # Bits above BitsStored may hold retired overlays; they are not part of the value.
         arr = np.bitwise_and(arr, (1 << bits_stored) - 1)
-    values = apply_modality_lut(arr, ds)
+    values = _apply_modality(arr, ds)
     grey = _apply_voi_normalised(values, ds)
     shape = str(ds.get("PresentationLUTShape") or "").strip().upper()
     # MONOCHROME1 and a Presentation LUT Shape of INVERSE each call for the one inversion that

@@ -8,12 +8,28 @@ are not in this family: they propagate as ``OSError`` so the caller can retry th
 from __future__ import annotations
 
 
+def printable(text: str) -> str:
+    """``text`` on one line, with control characters and lone surrogates written as escapes.
+
+    Reasons quote values from damaged files; a NUL or a surrogate in them would make the ledger
+    (PostgreSQL text refuses NUL, UTF-8 refuses surrogates) reject the whole batch.
+    """
+    if text.isprintable():
+        return text
+    text = " ".join(text.split())  # decoder messages span lines; a reason is one line
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
+
+
 class IngestError(Exception):
     """A file that cannot become a ``DecodedImage``; ``str(err)`` is the readable reason."""
 
     status: str = "failed"
 
     def __init__(self, reason: str) -> None:
+        reason = printable(reason)
         super().__init__(reason)
         self.reason = reason
 
@@ -82,3 +98,21 @@ class UnsupportedPixelFormatError(IngestError):
     """A pixel layout the reader does not turn into grey (e.g. an unknown photometric)."""
 
     status = "unsupported"
+
+
+class UnsupportedMultiFrameError(IngestError):
+    """A multi-frame object: bonewatch reads single-frame radiographs only."""
+
+    status = "unsupported"
+
+    @classmethod
+    def for_frames(cls, frames: int) -> UnsupportedMultiFrameError:
+        """The error for an object of ``frames`` frames, with the reason users see."""
+        return cls(
+            f"multi-frame object with {frames} frames; bonewatch reads single-frame "
+            "radiographs only (split the frames into single-frame instances upstream)"
+        )
+
+
+class BadFileNameError(IngestError):
+    """A file name that cannot be kept as text (bytes that are not UTF-8)."""

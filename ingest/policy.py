@@ -1,15 +1,19 @@
-"""What bonewatch accepts: projection radiographs of the upper limb.
+"""What bonewatch accepts: single-frame projection radiographs of the upper limb.
 
-The policy only rejects what a header states plainly (a CT slice, a chest film). Anything vague
-(``EXTREMITY``, ``ARM``, an empty or unknown ``BodyPartExamined``) passes, so the body-part model
-decides.
+The policy only rejects what a header states plainly (a CT slice, a chest film, a cine loop of
+many frames). Anything vague (``EXTREMITY``, ``ARM``, an empty or unknown ``BodyPartExamined``)
+passes, so the body-part model decides.
 """
 
 from __future__ import annotations
 
 import re
 
-from ingest.errors import UnsupportedBodyPartError, UnsupportedModalityError
+from ingest.errors import (
+    UnsupportedBodyPartError,
+    UnsupportedModalityError,
+    UnsupportedMultiFrameError,
+)
 from ingest.mura import MURA_PARTS
 from ingest.types import ImageMeta
 
@@ -182,6 +186,7 @@ def check_acceptance(meta: ImageMeta) -> None:
 
     Raises:
         UnsupportedModalityError: The modality is not CR, DX or RG.
+        UnsupportedMultiFrameError: The object has more than one frame.
         UnsupportedBodyPartError: BodyPartExamined names only regions outside the seven parts.
     """
     modality = (meta.modality or "").strip().upper()
@@ -189,6 +194,8 @@ def check_acceptance(meta: ImageMeta) -> None:
         raise UnsupportedModalityError(
             f"modality {modality} is not a projection radiograph; bonewatch reads CR, DX and RG"
         )
+    if meta.number_of_frames is not None and meta.number_of_frames > 1:
+        raise UnsupportedMultiFrameError.for_frames(meta.number_of_frames)
     body_part = (meta.body_part_examined or "").strip()
     if body_part and not _names_any_mura_part(body_part) and _names_other_region(body_part):
         raise UnsupportedBodyPartError(

@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 
 from ingest import dicom, raster
 from ingest.errors import (
+    BadFileNameError,
     EmptyFileError,
     FileVanishedError,
     ImageTooLargeError,
@@ -124,6 +125,26 @@ def _check_pixels(rows: int | None, columns: int | None, max_pixels: int) -> Non
         )
 
 
+def printable_path(path: str | Path) -> str:
+    """The path as text any database or log can hold: bytes that are not UTF-8 become ``\\xNN``.
+
+    Valid names come back unchanged (``str(path)``).
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _check_name(path: Path) -> None:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        # A name from a non-UTF-8 file system or a legacy archive: Python keeps the raw bytes as
+        # surrogates, which no ledger column can store and no later run could open again.
+        raise BadFileNameError(
+            f"file name is not valid UTF-8 and cannot be recorded as it is: "
+            f"{printable_path(path)}; rename the file"
+        ) from None
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes, read in chunks.
 
@@ -188,10 +209,12 @@ def read_header(
         The file's ``ImageMeta`` (sha256, size, format, DICOM fields, MURA path fields).
 
     Raises:
-        IngestError: A subclass saying why the file cannot be used.
+        IngestError: A subclass saying why the file cannot be used; ``BadFileNameError`` for a
+            path that is not valid UTF-8, which no ledger could record.
         OSError: A read fault (transient; retry).
     """
     p = Path(path)
+    _check_name(p)
     st = _stat_regular(p)
     _check_size(p, st.st_size, max_bytes)
     raw = _open_raw(p)

@@ -32,6 +32,7 @@ class ImageMeta:
     photometric: str | None = None
     transfer_syntax: str | None = None
     bits_stored: int | None = None
+    number_of_frames: int | None = None  # DICOM NumberOfFrames; None when absent
     # Taken from a MURA-layout path: .../XR_<PART>/patient<N>/study<M>_<positive|negative>/image<K>
     mura_part: str | None = None  # e.g. "ELBOW"
     mura_patient: str | None = None  # e.g. "patient00001"

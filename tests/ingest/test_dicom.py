@@ -19,7 +19,9 @@ from ingest import (
     ImageTooLargeError,
     NoPixelDataError,
     TruncatedFileError,
+    UnsupportedMultiFrameError,
     UnsupportedTransferSyntaxError,
+    check_acceptance,
     read_header,
     read_image,
 )
@@ -130,10 +132,38 @@ def test_rgb_becomes_luminance(make_raw_dicom) -> None:
     np.testing.assert_allclose(read_image(path, salt=SALT).pixels, expected, atol=1e-6)
 
 
-def test_multiframe_gives_the_first_frame(make_raw_dicom) -> None:
-    frames = np.stack([STORED, 255 - STORED]).astype(np.uint8)
+def test_multiframe_is_refused_with_its_frame_count(make_raw_dicom) -> None:
+    frames = np.stack([STORED, 255 - STORED, STORED]).astype(np.uint8)
     path = make_raw_dicom("mf.dcm", frames)
+    meta = read_header(path, salt=SALT)
+    assert meta.number_of_frames == 3
+    with pytest.raises(UnsupportedMultiFrameError) as at_the_door:
+        check_acceptance(meta)
+    with pytest.raises(UnsupportedMultiFrameError) as on_decode:
+        read_image(path, salt=SALT)
+    for info in (at_the_door, on_decode):
+        assert info.value.status == "unsupported"
+        assert "3 frames" in info.value.reason
+        assert "single-frame radiographs" in info.value.reason
+
+
+@pytest.mark.parametrize("frames", [None, 1])
+def test_a_single_frame_is_read_whether_or_not_it_says_so(make_raw_dicom, frames) -> None:
+    extra = {} if frames is None else {"NumberOfFrames": frames}
+    path = make_raw_dicom("one.dcm", STORED, **extra)
+    meta = read_header(path, salt=SALT)
+    assert meta.number_of_frames == frames
+    check_acceptance(meta)
     np.testing.assert_allclose(read_image(path, salt=SALT).pixels, STORED / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name", ["emri_small.dcm", "emri_small_jpeg_2k_lossless.dcm", "color3d_jpeg_baseline.dcm"]
+)
+def test_multiframe_test_files_are_refused(name: str) -> None:
+    frames = {"emri_small.dcm": 10, "emri_small_jpeg_2k_lossless.dcm": 10}.get(name, 120)
+    with pytest.raises(UnsupportedMultiFrameError, match=f"with {frames} frames"):
+        read_image(get_testdata_file(name), salt=SALT)
 
 
 def test_preamble_less_dataset_is_read(tmp_path: Path, make_dicom) -> None:
@@ -244,3 +274,34 @@ def test_a_damaged_value_representation_is_a_corrupt_file(make_dicom) -> None:
         read_header(path, salt="s")
     with pytest.raises(CorruptFileError):
         read_image(path, salt="s")
+
+
+def test_a_copy_cut_off_before_its_pixel_element_is_truncated(tmp_path: Path, make_dicom) -> None:
+    data = make_dicom(bits_stored=8).read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: data.rfind(b"\xe0\x7f\x10\x00")])  # everything up to (7FE0,0010)
+    assert read_header(cut, salt=SALT).rows == 36
+    with pytest.raises(TruncatedFileError, match="ends before its pixel data"):
+        read_image(cut, salt=SALT)
+
+
+def test_an_image_object_cut_off_in_its_header_is_not_called_pixel_less(
+    tmp_path: Path, make_dicom
+) -> None:
+    # Cut before Rows: what is left looks like a CR object without pixels, which CR never is.
+    data = make_dicom(bits_stored=8).read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: data.find(b"\x28\x00\x02\x00")])  # before (0028,0002)
+    with pytest.raises(CorruptFileError, match="Computed Radiography Image Storage") as info:
+        read_image(cut, salt=SALT)
+    assert info.value.status == "failed"
+
+
+def test_a_damaged_transfer_syntax_uid_is_a_corrupt_file(tmp_path: Path, make_dicom) -> None:
+    path = make_dicom(bits_stored=8)
+    data = path.read_bytes()
+    assert data.count(b"1.2.840.10008.1.2.1\x00") == 1
+    path.write_bytes(data.replace(b"1.2.840.10008.1.2.1\x00", b"1.2.8#0.10008.1.2.1\x00"))
+    with pytest.raises(CorruptFileError, match="transfer syntax UID") as info:
+        read_image(path, salt=SALT)
+    assert not isinstance(info.value, UnsupportedTransferSyntaxError)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +16,13 @@ import pytest
 
 import ingest.reader
 from ingest import (
+    BadFileNameError,
     EmptyFileError,
     FileVanishedError,
     ImageTooLargeError,
     NotAnImageError,
     UnreadableFileError,
+    printable_path,
     read_header,
     read_image,
     sha256_file,
@@ -77,6 +82,70 @@ def test_permission_denied(make_png) -> None:
     path.chmod(0)
     with pytest.raises(UnreadableFileError):
         read_header(path, salt=SALT)
+
+
+def _without_file_permission_override() -> None:
+    """In a child of root: give up the capabilities that let root read any file.
+
+    prctl(PR_CAPBSET_DROP) on CAP_DAC_OVERRIDE (1) and CAP_DAC_READ_SEARCH (2); at exec the
+    child's capabilities are recomputed without them, so file modes apply to it as to anyone.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):
+        if libc.prctl(24, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root needs its override taken away")
+def test_permission_denied_even_for_root_without_its_override(make_png) -> None:
+    path = make_png("locked.png")
+    path.chmod(0)
+    script = (
+        "import sys\n"
+        "from ingest import read_header, IngestError\n"
+        "try:\n"
+        "    read_header(sys.argv[1], salt='s')\n"
+        "except IngestError as exc:\n"
+        "    print(exc.error_class, exc.status, exc.reason)\n"
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", script, str(path)],
+            preexec_fn=_without_file_permission_override,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=Path(ingest.reader.__file__).parents[1],
+        )
+    except subprocess.SubprocessError as exc:
+        pytest.skip(f"cannot drop root's file capabilities here: {exc}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("UnreadableFileError failed cannot open "), result.stdout
+    assert "Permission denied" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "name", ["hand AP 1.png", "Röntgen Hand.png", "手の写真.png", "x-ray (copy).png", "a\nb.png"]
+)
+def test_names_with_spaces_and_non_ascii_characters_are_read(make_png, name: str) -> None:
+    path = make_png(name)
+    meta = read_header(path, salt=SALT)
+    assert meta.path == str(path)
+    assert read_image(path, salt=SALT).pixels.shape == (36, 52)
+
+
+def test_a_name_that_is_not_utf8_is_refused_with_a_printable_reason(tmp_path, make_png) -> None:
+    raw = os.fsencode(tmp_path) + b"/scan\xff\xfe.png"
+    with open(raw, "wb") as fh:
+        fh.write(make_png().read_bytes())
+    path = Path(os.fsdecode(raw))
+    with pytest.raises(BadFileNameError) as info:
+        read_header(path, salt=SALT)
+    assert info.value.status == "failed"
+    assert "scan\\xff\\xfe.png" in info.value.reason and "rename" in info.value.reason
+    info.value.reason.encode("utf-8")  # the reason itself can be stored and logged
+    assert printable_path(path) == f"{tmp_path}/scan\\xff\\xfe.png"
+    assert printable_path(tmp_path / "Röntgen.png") == str(tmp_path / "Röntgen.png")
 
 
 def test_format_comes_from_content_not_name(tmp_path: Path, make_png, make_dicom) -> None:
