@@ -13,7 +13,9 @@ from db.ledger import (
     claim_batch,
     claim_images,
     count_by_status,
+    exclusive,
     lease_holders,
+    ledger_health,
     next_retry_at,
     query_results,
     query_studies,
@@ -23,6 +25,8 @@ from db.ledger import (
     register_images,
     release_for_retry,
     release_leases,
+    retry_delay,
+    waiting_images,
 )
 from db.schema import FINAL_STATUSES, QUEUES, STATUSES
 
@@ -38,6 +42,8 @@ __all__ = [
     "claim_batch",
     "claim_images",
     "count_by_status",
+    "exclusive",
+    "ledger_health",
     "current_revision",
     "make_engine",
     "query_results",
@@ -50,5 +56,7 @@ __all__ = [
     "record_results",
     "register_images",
     "release_for_retry",
+    "retry_delay",
     "upgrade",
+    "waiting_images",
 ]

@@ -7,9 +7,11 @@ and PostgreSQL; where they differ (insert-or-ignore, row locking) the dialect is
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -602,11 +604,15 @@ def claim_images(
     lease_seconds: float,
     worker_id: str,
     max_attempts: int | None = None,
+    taking_over_from: Sequence[str] = (),
 ) -> list[ClaimedImage]:
     """Lease the given images, but only those that are ``queued`` or whose lease expired.
 
     For tasks that carry ids: a replayed message for an image that is done, or that another
-    worker holds, claims nothing. ``max_attempts`` works as in :func:`claim_batch`.
+    worker holds, claims nothing. Rows that ``worker_id`` itself still holds, or that a worker
+    in ``taking_over_from`` holds, are taken again: that is a task retried after the database
+    went away mid-batch, in the same process or in another one the batch was handed to.
+    ``max_attempts`` works as in :func:`claim_batch`.
 
     Returns:
         The images actually claimed (possibly none).
@@ -618,9 +624,11 @@ def claim_images(
         _fail_exhausted(conn, now, max_attempts)
         ids: list[int] = []
         for chunk in _chunks(sorted(set(image_ids))):
+            holders = [worker_id, *taking_over_from]
+            mine = and_(images.c.status == "processing", images.c.leased_by.in_(holders))
             stmt = (
                 select(images.c.id)
-                .where(images.c.id.in_(chunk), _claimable(now))
+                .where(images.c.id.in_(chunk), or_(_claimable(now), mine))
                 .order_by(images.c.id)
             )
             ids.extend(conn.scalars(_locking(conn, stmt)))
@@ -638,21 +646,46 @@ def record_results(
     engine: Engine,
     predictions: Sequence[PredictionRecord],
     failures: Sequence[FailureRecord] = (),
-) -> None:
+    *,
+    worker_id: str | None = None,
+) -> int:
     """Store predictions and final failures, and refresh the touched studies' results.
 
     A prediction already stored for the same (image, bundle, version) is left as it is, so a
     replayed message never doubles a row. Each image gets its final status and reason, its lease
     is cleared, and ``study_results`` is recomputed for every study that got a prediction.
+
+    With ``worker_id``, only images that worker still holds are recorded: a worker whose lease
+    ran out and was taken over must not overwrite what the new holder records.
+
+    Returns:
+        How many images were recorded.
     """
     for p in predictions:
         _check_choice(p.status, ("done", "unsupported"), "prediction status")
     for f in failures:
         _check_choice(f.status, ("failed", "unsupported"), "failure status")
     if not predictions and not failures:
-        return
+        return 0
     now = utcnow()
     with write_transaction(engine) as conn:
+        if worker_id is not None:
+            held = _still_held(
+                conn,
+                [*(p.image_id for p in predictions), *(f.image_id for f in failures)],
+                worker_id,
+            )
+            lost = len(predictions) + len(failures)
+            predictions = [p for p in predictions if p.image_id in held]
+            failures = [f for f in failures if f.image_id in held]
+            lost -= len(predictions) + len(failures)
+            if lost:
+                logger.warning(
+                    "%s lost the lease on %d image(s) before recording them; the worker that "
+                    "took them over records them",
+                    worker_id,
+                    lost,
+                )
         if predictions:
             rows = [
                 {
@@ -744,6 +777,22 @@ def record_results(
                 )
             for chunk in _chunks(sorted(studies)):
                 _refresh_studies(conn, chunk, now)
+    return len(predictions) + len(failures)
+
+
+def _still_held(conn: Connection, image_ids: Sequence[int], worker_id: str) -> set[int]:
+    """The ids among ``image_ids`` that are ``processing`` under ``worker_id``'s lease, locked."""
+    held: set[int] = set()
+    for chunk in _chunks(sorted(set(image_ids))):
+        stmt = select(images.c.id).where(
+            images.c.id.in_(chunk),
+            images.c.status == "processing",
+            images.c.leased_by == worker_id,
+        )
+        if conn.dialect.name == "postgresql":
+            stmt = stmt.with_for_update()  # wait for a concurrent reclaim rather than skip
+        held.update(conn.scalars(stmt))
+    return held
 
 
 def _refresh_studies(conn: Connection, study_uids: Sequence[str], now: datetime) -> None:
@@ -1002,6 +1051,83 @@ def queued_ids(
         stmt = stmt.limit(limit)
     with engine.connect() as conn:
         return list(conn.scalars(stmt))
+
+
+def waiting_images(
+    engine: Engine, *, settled_before: datetime, after_id: int = 0, limit: int = _CHUNK
+) -> list[tuple[int, str]]:
+    """``(id, queue)`` of ``queued`` rows, due now, last changed before ``settled_before``.
+
+    For re-publishing lost messages: a row changed more recently may still have its message on
+    the way. Pages by id (``after_id``), ascending.
+    """
+    now = utcnow()
+    stmt = (
+        select(images.c.id, images.c.queue)
+        .where(
+            images.c.status == "queued",
+            images.c.id > after_id,
+            images.c.updated_at < settled_before,
+            or_(images.c.retry_after.is_(None), images.c.retry_after <= now),
+        )
+        .order_by(images.c.id)
+        .limit(limit)
+    )
+    with engine.connect() as conn:
+        return [(int(r.id), str(r.queue)) for r in conn.execute(stmt)]
+
+
+def ledger_health(engine: Engine) -> dict[str, int]:
+    """Checks that nothing was lost or counted twice.
+
+    ``expired_leases``: ``processing`` rows whose worker stopped renewing (to be reclaimed).
+    ``double_predictions``: images with more than one prediction from the same bundle version.
+    ``finished_without_prediction``: ``done`` rows with no prediction at all.
+    """
+    now = utcnow()
+    per_version = (
+        select(prediction_table.c.image_id)
+        .group_by(
+            prediction_table.c.image_id,
+            prediction_table.c.bundle_name,
+            prediction_table.c.bundle_version,
+        )
+        .having(func.count() > 1)
+        .subquery()
+    )
+    has_prediction = exists().where(prediction_table.c.image_id == images.c.id)
+    with engine.connect() as conn:
+        expired = conn.execute(select(func.count()).where(_expired(now))).scalar_one()
+        doubles = conn.execute(select(func.count()).select_from(per_version)).scalar_one()
+        orphans = conn.execute(
+            select(func.count()).where(images.c.status == "done", ~has_prediction)
+        ).scalar_one()
+    return {
+        "expired_leases": int(expired),
+        "double_predictions": int(doubles),
+        "finished_without_prediction": int(orphans),
+    }
+
+
+@contextmanager
+def exclusive(engine: Engine, name: str) -> Iterator[bool]:
+    """Try to become the one holder of ``name`` across every process using this database.
+
+    Yields whether this caller got it; on PostgreSQL it is a session advisory lock, released on
+    exit or when the connection dies. SQLite serves one host, so there it is always granted.
+    """
+    if engine.dialect.name != "postgresql":
+        yield True
+        return
+    key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+    with engine.connect() as conn:
+        got = bool(conn.execute(select(func.pg_try_advisory_lock(key))).scalar())
+        try:
+            yield got
+        finally:
+            if got:
+                conn.execute(select(func.pg_advisory_unlock(key)))
+            conn.commit()
 
 
 def count_by_status(engine: Engine) -> dict[str, int]:

@@ -53,15 +53,15 @@ def pg_url() -> Iterator[str]:
         admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True)
     except psycopg.OperationalError as exc:
         _unavailable(f"PostgreSQL at 127.0.0.1:5432 is not reachable as user postgres: {exc}")
-    try:
+    with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-        logger.info("created test database %s", name)
+    logger.info("created test database %s", name)
+    try:
         yield PG_URL_TEMPLATE.format(name=name)
     finally:
-        try:
+        # A fresh connection: a test may have restarted the server in between.
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            admin.close()
 
 
 def _empty_pg_database(url: str) -> None:

@@ -650,3 +650,58 @@ def test_a_failed_file_whose_copy_took_over_is_not_queued_twice(db_engine: Engin
     (p_again,) = register_images(db_engine, [_new("/in/p.dcm", 1, sop_instance_uid="1.2.3.9")])
     assert not p_again.requeued and p_again.status == "failed"
     assert _claim_all(db_engine) == [q.image_id]
+
+
+def test_a_worker_whose_lease_was_taken_over_cannot_record(db_engine: Engine) -> None:
+    (a,) = register_images(db_engine, [_new("/in/a.dcm", 1)])
+    claim_images(db_engine, [a.image_id], lease_seconds=-1, worker_id="slow")
+    claim_batch(db_engine, limit=1, lease_seconds=60, worker_id="fast")
+    late = FailureRecord(a.image_id, "failed", "ModelError", "late news from a stale worker")
+    assert record_results(db_engine, [], [late], worker_id="slow") == 0
+    assert record_results(db_engine, [_prediction(a.image_id, 0.3)], worker_id="fast") == 1
+    row = _image(db_engine, a.image_id)
+    assert row["status"] == "done" and row["reason"] is None
+    assert record_results(db_engine, [], [late], worker_id="slow") == 0  # done stays done
+    assert _image(db_engine, a.image_id)["status"] == "done"
+
+
+def test_a_retried_task_takes_back_its_own_batch_or_one_handed_to_it(db_engine: Engine) -> None:
+    a, b = register_images(db_engine, [_new("/in/a.dcm", 1), _new("/in/b.dcm", 2)])
+    claim_images(db_engine, [a.image_id, b.image_id], lease_seconds=60, worker_id="host:1")
+    # another process may not take them, unless the batch is handed over to it
+    assert claim_images(db_engine, [a.image_id], lease_seconds=60, worker_id="host:2") == []
+    (again,) = claim_images(db_engine, [a.image_id], lease_seconds=60, worker_id="host:1")
+    assert again.image_id == a.image_id
+    taken = claim_images(
+        db_engine, [b.image_id], lease_seconds=60, worker_id="host:2", taking_over_from=["host:1"]
+    )
+    assert [c.image_id for c in taken] == [b.image_id]
+    assert _image(db_engine, b.image_id)["leased_by"] == "host:2"
+
+
+def test_ledger_health_counts_expired_leases(db_engine: Engine) -> None:
+    from db import ledger_health
+
+    a, b = register_images(db_engine, [_new("/in/a.dcm", 1), _new("/in/b.dcm", 2)])
+    claim_images(db_engine, [a.image_id], lease_seconds=-1, worker_id="dead")
+    claim_images(db_engine, [b.image_id], lease_seconds=60, worker_id="alive")
+    record_results(db_engine, [_prediction(b.image_id, 0.3)])
+    assert ledger_health(db_engine) == {
+        "expired_leases": 1,
+        "double_predictions": 0,
+        "finished_without_prediction": 0,
+    }
+
+
+def test_only_one_caller_holds_an_exclusive_name_at_a_time(db_engine: Engine) -> None:
+    from db import exclusive
+
+    with exclusive(db_engine, "reconcile") as first:
+        assert first
+        if db_engine.dialect.name == "postgresql":
+            with exclusive(db_engine, "reconcile") as second:
+                assert not second
+            with exclusive(db_engine, "another") as other:
+                assert other
+    with exclusive(db_engine, "reconcile") as again:
+        assert again
