@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,8 +29,20 @@ def _mean_model(n_out: int, weights: np.ndarray, bias: np.ndarray, activation: s
     return model
 
 
-def build_tiny_bundle(root: Path, *, floor: float = 0.5, threshold: float = 0.5) -> Path:
-    """Bright images (mean > 0.5) are ELBOW, dark ones `other`; p(fracture) = sigmoid(10m - 5)."""
+def _mean_fracture_model():
+    return _mean_model(1, np.array([10.0], np.float32), np.array([-5.0], np.float32), "sigmoid")
+
+
+def build_tiny_bundle(
+    root: Path,
+    *,
+    floor: float = 0.5,
+    threshold: float = 0.5,
+    fracture_model: Callable[[], Any] = _mean_fracture_model,
+    name: str = "tiny",
+) -> Path:
+    """Bright images (mean > 0.5) are ELBOW, dark ones `other`; by default p(fracture) =
+    sigmoid(10m - 5), or whatever ``fracture_model()`` builds for every part."""
     root.mkdir(parents=True, exist_ok=True)
     w = np.zeros(len(LABELS), np.float32)
     b = np.zeros(len(LABELS), np.float32)
@@ -37,13 +51,11 @@ def build_tiny_bundle(root: Path, *, floor: float = 0.5, threshold: float = 0.5)
     _mean_model(len(LABELS), w, b, "softmax").save(root / "body_part.keras")
     fracture = {}
     for part in MURA_PARTS:
-        name = f"fracture_{part.lower()}.keras"
-        _mean_model(1, np.array([10.0], np.float32), np.array([-5.0], np.float32), "sigmoid").save(
-            root / name
-        )
+        weights = f"fracture_{part.lower()}.keras"
+        fracture_model().save(root / weights)
         fracture[part] = {
-            "weights": name,
-            "sha256": sha256_of(root / name),
+            "weights": weights,
+            "sha256": sha256_of(root / weights),
             "preprocessing": SPEC,
             "threshold": threshold,
         }
@@ -51,7 +63,7 @@ def build_tiny_bundle(root: Path, *, floor: float = 0.5, threshold: float = 0.5)
         root,
         {
             "schema_version": SCHEMA_VERSION,
-            "name": "tiny",
+            "name": name,
             "version": "1",
             "intended_use": "tests only",
             "body_part": {

@@ -1,0 +1,352 @@
+"""Grad-CAM: where a part's fracture model looks when it scores an image.
+
+The class activation map is taken at the fracture model's last layer with a spatial output (the
+last convolution block of the small CNN, the final feature map of a keras.applications backbone):
+each feature map is weighted by the mean gradient of the fracture logit with respect to it, the
+weighted sum is passed through a ReLU and scaled to [0, 1]. The logit rather than the probability
+is differentiated, so a saturated sigmoid still gives a map. The map is then brought back to the
+original image's pixel grid by undoing :func:`models.preprocess.fit_square` (upsample to the
+model input, cut away the padding, resize to the image), so the peak is a pixel of the image.
+
+Also here: measuring how often the peak falls inside a phantom's fracture box.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import threading
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ingest import DecodedImage, IngestError, read_image
+from models.bundle import Bundle, load_keras_model
+from models.cascade import run_cascade
+from models.datasets import Sample
+from models.preprocess import preprocess_batch
+
+log = logging.getLogger(__name__)
+
+Box = tuple[int, int, int, int]
+# Phantom boxes are tight around the break; the localisation test allows 10 % more width and height.
+BOX_ENLARGEMENT = 0.10
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """A fracture model's Grad-CAM for one image.
+
+    Attributes:
+        part: The body part whose fracture model was explained.
+        p_fracture: That model's probability for the image.
+        heatmap: float32 (H, W) in [0, 1] on the original image's pixel grid.
+        peak_xy: ``(x, y)`` of the heatmap's maximum, in original image pixels.
+        layer: The model layer the map was taken at.
+    """
+
+    part: str
+    p_fracture: float
+    heatmap: np.ndarray
+    peak_xy: tuple[int, int]
+    layer: str
+
+
+def cam_layer(model: Any) -> str:
+    """The name of ``model``'s last layer whose output is a (batch, h, w, c) feature map.
+
+    A model with no such layer (a dense head straight on the image) is explained at its input.
+    """
+    for layer in reversed(model.layers):
+        shape = getattr(layer, "output", None)
+        shape = getattr(shape, "shape", None)
+        if shape is not None and len(shape) == 4 and layer.__class__.__name__ != "InputLayer":
+            return str(layer.name)
+    return str(model.layers[0].name)
+
+
+class _CamModel:
+    """A model that returns the chosen layer's activations and the fracture logit."""
+
+    def __init__(self, model: Any, layer: str) -> None:
+        import keras
+        import tensorflow as tf
+
+        self._tf = tf
+        self.layer = layer
+        head = model.layers[-1]
+        # A Dense sigmoid/softmax head: differentiate its pre-activation (the logit).
+        self._head = head if isinstance(head, keras.layers.Dense) else None
+        target = head.input if self._head is not None else model.output
+        self._model = keras.Model(model.inputs, [model.get_layer(layer).output, target])
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        tf = self._tf
+        xt = tf.convert_to_tensor(x, tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)  # a map taken at the input layer is the input itself
+            features, target = self._model(xt, training=False)
+            if self._head is not None:
+                logits = tf.matmul(target, self._head.kernel) + self._head.bias
+                probs = self._head.activation(logits)
+            else:
+                logits = probs = target
+            # The last column is p(fracture), as in the cascade. Samples are independent in
+            # inference mode, so one gradient of the sum gives every sample's own gradient.
+            score = tf.reduce_sum(logits[:, -1])
+        grads = tape.gradient(score, features)
+        weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+        cams = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
+        return np.asarray(cams, np.float32), np.asarray(probs[:, -1], np.float64)
+
+
+_cam_models: weakref.WeakKeyDictionary[Any, dict[str, _CamModel]] = weakref.WeakKeyDictionary()
+_keras_models: dict[tuple[Path, str], Any] = {}
+_keras_lock = threading.Lock()
+
+
+def _cam_model(model: Any, layer: str | None) -> _CamModel:
+    name = layer or cam_layer(model)
+    per_model = _cam_models.setdefault(model, {})
+    if name not in per_model:
+        per_model[name] = _CamModel(model, name)
+    return per_model[name]
+
+
+def fracture_keras_model(bundle: Bundle, part: str) -> Any:
+    """The Keras model of a part's fracture model: the one the bundle serves with, or, when it
+    is served by another engine (ONNX), loaded once from the bundle's weights file."""
+    served = getattr(bundle.fracture_models[part], "model", None)
+    if served is not None:
+        return served
+    key = (bundle.path, part)
+    with _keras_lock:
+        if key not in _keras_models:
+            _keras_models[key] = load_keras_model(bundle.path, bundle.manifest.fracture[part])
+        return _keras_models[key]
+
+
+def gradcam_batch(
+    model: Any, x: np.ndarray, *, layer: str | None = None
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Grad-CAM maps of a batch of model inputs.
+
+    Args:
+        model: A Keras fracture model (see :func:`fracture_keras_model`).
+        x: Model inputs, shape (N, S, S, C), preprocessed as the manifest says.
+        layer: The layer to explain; the last spatial layer when None.
+
+    Returns:
+        ``(cams, p_fracture, layer)``: maps of shape (N, h, w) scaled to [0, 1] (all zero where
+        nothing pushed the score up), each input's probability, and the layer used.
+    """
+    cam_model = _cam_model(model, layer)
+    cams, probs = cam_model(x)
+    peak = cams.reshape(len(cams), -1).max(axis=1)
+    scale = np.where(peak > 0, peak, 1.0)
+    return cams / scale[:, None, None], probs, cam_model.layer
+
+
+def content_box(shape: tuple[int, int], size: int) -> tuple[int, int, int, int]:
+    """Where :func:`models.preprocess.fit_square` put an image of ``shape`` in its square:
+    ``(top, left, height, width)`` in model-input pixels."""
+    h, w = shape
+    scale = size / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    return (size - new_h) // 2, (size - new_w) // 2, new_h, new_w
+
+
+def cam_to_image(cam: np.ndarray, shape: tuple[int, int], size: int) -> np.ndarray:
+    """Bring a map from the model's feature grid back onto the original image's pixels."""
+    top, left, new_h, new_w = content_box(shape, size)
+    square = Image.fromarray(np.ascontiguousarray(cam, np.float32), mode="F")
+    square = square.resize((size, size), Image.Resampling.BILINEAR)
+    inside = square.crop((left, top, left + new_w, top + new_h))
+    full = inside.resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(full, np.float32), 0.0, 1.0)
+
+
+def _peak(heatmap: np.ndarray) -> tuple[int, int]:
+    y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    return int(x), int(y)
+
+
+def explain_images(
+    images: Sequence[np.ndarray],
+    parts: Sequence[str],
+    bundle: Bundle,
+    *,
+    layer: str | None = None,
+    batch_size: int = 16,
+) -> list[Explanation]:
+    """Grad-CAM of each image under the fracture model of its part, in batches per part.
+
+    Args:
+        images: Grey pixels (H, W) in [0, 1], as decoded.
+        parts: For each image, the body part whose fracture model to explain.
+        bundle: The loaded bundle.
+
+    Returns:
+        One :class:`Explanation` per image, in input order.
+    """
+    if len(images) != len(parts):
+        raise ValueError(f"{len(images)} images but {len(parts)} parts")
+    unknown = sorted(set(parts) - set(bundle.fracture_models))
+    if unknown:
+        raise ValueError(f"the bundle has no fracture model for {unknown}")
+    out: list[Explanation | None] = [None] * len(images)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, part in enumerate(parts):
+        groups[part].append(i)
+    for part, index in groups.items():
+        spec = bundle.manifest.fracture[part].spec
+        for start in range(0, len(index), batch_size):
+            chunk = index[start : start + batch_size]
+            x = preprocess_batch([images[i] for i in chunk], spec)
+            model = fracture_keras_model(bundle, part)
+            cams, probs, used = gradcam_batch(model, x, layer=layer)
+            for i, cam, p in zip(chunk, cams, probs, strict=True):
+                heatmap = cam_to_image(cam, images[i].shape, spec.input_size)
+                out[i] = Explanation(part, float(p), heatmap, _peak(heatmap), used)
+    return [e for e in out if e is not None]
+
+
+def overlay_heatmap(
+    pixels: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.5, mark_peak: bool = True
+) -> np.ndarray:
+    """The radiograph in grey with the heatmap blended over it in colour (jet colormap).
+
+    Where the map is cold the radiograph shows through unchanged; the peak gets a ring.
+
+    Returns:
+        uint8 RGB array (H, W, 3).
+    """
+    from matplotlib import colormaps
+
+    grey = np.clip(pixels, 0.0, 1.0)[..., None].repeat(3, axis=2)
+    colour = colormaps["jet"](np.clip(heatmap, 0.0, 1.0))[..., :3]
+    weight = alpha * np.clip(heatmap, 0.0, 1.0)[..., None]
+    rgb = (grey * (1 - weight) + colour * weight) * 255
+    image = Image.fromarray(np.round(rgb).astype(np.uint8), mode="RGB")
+    if mark_peak:
+        x, y = _peak(heatmap)
+        r = max(4, round(0.03 * max(pixels.shape)))
+        draw = ImageDraw.Draw(image)
+        draw.ellipse((x - r, y - r, x + r, y + r), outline=(255, 255, 255), width=max(1, r // 4))
+    return np.asarray(image)
+
+
+# ---------------------------------------------------------------------------------------------
+# Localisation on phantoms
+# ---------------------------------------------------------------------------------------------
+
+
+def read_fracture_boxes(dataset_root: str | Path) -> dict[Path, list[Box]]:
+    """The boxes of ``fractures.csv`` (written by ``bonewatch synth``), keyed by resolved path.
+
+    Raises:
+        FileNotFoundError: the dataset has no ``fractures.csv``.
+    """
+    root = Path(dataset_root)
+    boxes: dict[Path, list[Box]] = defaultdict(list)
+    with (root / "fractures.csv").open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            box = (int(row["x0"]), int(row["y0"]), int(row["x1"]), int(row["y1"]))
+            boxes[(root / row["path"]).resolve()].append(box)
+    return dict(boxes)
+
+
+def peak_in_box(peak_xy: tuple[int, int], box: Box, enlarge: float = BOX_ENLARGEMENT) -> bool:
+    """Whether the peak pixel's centre lies in ``box`` (exclusive upper corner) grown by
+    ``enlarge`` of its width and height, half on each side."""
+    x0, y0, x1, y1 = box
+    mx, my = enlarge * (x1 - x0) / 2, enlarge * (y1 - y0) / 2
+    cx, cy = peak_xy[0] + 0.5, peak_xy[1] + 0.5
+    return x0 - mx <= cx <= x1 + mx and y0 - my <= cy <= y1 + my
+
+
+@dataclass
+class Localisation:
+    """How often the Grad-CAM peak fell inside an enlarged fracture box.
+
+    Images that stage 1 refused have no fracture model to explain and count as misses.
+    """
+
+    n_images: int = 0
+    n_hits: int = 0
+    n_refused: int = 0
+    n_unreadable: int = 0
+    enlarge: float = BOX_ENLARGEMENT
+    per_part: dict[str, list[int]] = field(default_factory=dict)  # part -> [hits, images]
+
+    @property
+    def fraction(self) -> float | None:
+        return self.n_hits / self.n_images if self.n_images else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fraction_peak_in_box": None if self.fraction is None else round(self.fraction, 4),
+            "n_images": self.n_images,
+            "n_hits": self.n_hits,
+            "n_refused": self.n_refused,
+            "n_unreadable": self.n_unreadable,
+            "box_enlargement": self.enlarge,
+            "per_part": {
+                part: {"fraction": round(h / n, 4) if n else None, "n_hits": h, "n_images": n}
+                for part, (h, n) in sorted(self.per_part.items())
+            },
+        }
+
+
+def measure_localisation(
+    samples: Sequence[Sample],
+    boxes: Mapping[Path, Sequence[Box]],
+    bundle: Bundle,
+    *,
+    salt: str = "evaluation",
+    batch_size: int = 32,
+    enlarge: float = BOX_ENLARGEMENT,
+    on_batch: Callable[[int], None] | None = None,
+) -> Localisation:
+    """Explain every image that has a fracture box under the part the cascade chose for it, and
+    count the images whose heatmap peak lies inside one of its boxes (enlarged by ``enlarge``).
+    """
+    boxed = [s for s in samples if s.path.resolve() in boxes]
+    result = Localisation(enlarge=enlarge)
+    for start in range(0, len(boxed), batch_size):
+        chunk = boxed[start : start + batch_size]
+        decoded: list[DecodedImage] = []
+        kept: list[Sample] = []
+        for sample in chunk:
+            try:
+                decoded.append(read_image(sample.path, salt=salt))
+                kept.append(sample)
+            except (IngestError, OSError) as exc:
+                log.warning("skipping %s: %s", sample.path, exc)
+                result.n_unreadable += 1
+        preds = run_cascade(decoded, bundle, batch_size=batch_size)
+        served = [i for i, p in enumerate(preds) if p.p_fracture is not None]
+        explanations = explain_images(
+            [decoded[i].pixels for i in served], [preds[i].body_part for i in served], bundle
+        )
+        hit_of = {
+            i: any(peak_in_box(e.peak_xy, b, enlarge) for b in boxes[kept[i].path.resolve()])
+            for i, e in zip(served, explanations, strict=True)
+        }
+        for i, sample in enumerate(kept):
+            hit = hit_of.get(i, False)
+            result.n_images += 1
+            result.n_hits += hit
+            result.n_refused += i not in hit_of
+            tally = result.per_part.setdefault(sample.part, [0, 0])
+            tally[0] += hit
+            tally[1] += 1
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return result
