@@ -1,8 +1,10 @@
-"""Model bundles: a folder with ``manifest.json`` plus Keras weights files.
+"""Model bundles: a folder with ``manifest.json`` plus Keras weights files (and ONNX exports).
 
 The manifest is the model spec as data (input size, labels, per-part thresholds, preprocessing,
 provenance, metrics, and the sha256 of every weights file). This module is the only reader of
-weights files; each bundle is loaded once per process and looked up by its folder.
+weights files; each bundle is loaded once per process and engine, and looked up by its folder.
+A bundle whose manifest records ONNX exports of all its models can be served by ONNX Runtime
+(``engine="onnx"``) as well as by Keras.
 """
 
 from __future__ import annotations
@@ -10,14 +12,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from models.engines import (
+    AUTO,
+    ENGINES,
+    InferenceThreads,
+    KerasPredictor,
+    OnnxPredictor,
+    Predictor,
+    configure_tensorflow_threads,
+    onnxruntime_available,
+)
 from models.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -31,8 +43,19 @@ class BundleError(Exception):
     """A bundle folder that cannot be used: missing files, bad manifest, wrong checksum."""
 
 
+class OnnxExport(BaseModel):
+    """The ONNX export of one model, written by ``bonewatch bundle export-onnx``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    file: str
+    sha256: str
+    opset: int
+    max_abs_diff: float = Field(ge=0.0, description="largest |keras - onnx| seen at export")
+
+
 class ModelEntry(BaseModel):
-    """One Keras model inside a bundle."""
+    """One Keras model inside a bundle, and its ONNX export when there is one."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -40,6 +63,7 @@ class ModelEntry(BaseModel):
     sha256: str
     preprocessing: dict[str, Any]
     backbone: str = "small_cnn"
+    onnx: OnnxExport | None = None
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -74,41 +98,27 @@ class Manifest(BaseModel):
         """The body parts that have a fracture model (stage 1 labels minus ``other``)."""
         return [label for label in self.body_part.labels if label != OTHER]
 
+    def models(self) -> dict[str, ModelEntry]:
+        """Every model of the bundle by role: ``body_part``, then ``fracture_<part>`` per part."""
+        entries: dict[str, ModelEntry] = {"body_part": self.body_part}
+        for part in self.parts():
+            entries[f"fracture_{part.lower()}"] = self.fracture[part]
+        return entries
 
-class Predictor:
-    """A Keras model traced once for every batch size, for inference only.
-
-    ``predict_on_batch`` traces a new graph for each distinct batch shape; stage 2's per-part
-    groups come in all sizes, so the worker would keep retracing. One input signature with an
-    open batch dimension keeps a single graph per model.
-    """
-
-    def __init__(self, model: Any) -> None:
-        import tensorflow as tf
-
-        self.model = model
-        self._tf = tf
-        spec = tf.TensorSpec(model.input_shape, tf.float32)
-        # Traced here, once: a concrete function never goes back through tracing.
-        self._forward = tf.function(
-            lambda x: model(x, training=False), input_signature=[spec]
-        ).get_concrete_function()
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Model outputs for a batch ``x`` of shape (N, S, S, C)."""
-        return np.asarray(
-            self._forward(self._tf.convert_to_tensor(x, self._tf.float32)), np.float64
-        )
+    def has_onnx(self) -> bool:
+        """Whether every model has an ONNX export recorded."""
+        return all(entry.onnx is not None for entry in self.models().values())
 
 
 @dataclass(frozen=True)
 class Bundle:
-    """A loaded bundle: its manifest and its Keras models, ready for inference."""
+    """A loaded bundle: its manifest and its models on one engine, ready for inference."""
 
     path: Path
     manifest: Manifest
     body_part_model: Predictor
     fracture_models: dict[str, Predictor]
+    engine: str = "keras"
 
     @property
     def name(self) -> str:
@@ -151,54 +161,135 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
     return manifest
 
 
-def _load_keras(bundle_dir: Path, entry: ModelEntry) -> Predictor:
-    weights = bundle_dir / entry.weights
-    if not weights.is_file():
-        raise BundleError(f"weights file {weights} named in the manifest is missing")
-    actual = sha256_of(weights)
-    if actual != entry.sha256:
+def _checked_file(bundle_dir: Path, name: str, sha256: str, what: str) -> Path:
+    path = bundle_dir / name
+    if not path.is_file():
+        raise BundleError(f"{what} {path} named in the manifest is missing")
+    actual = sha256_of(path)
+    if actual != sha256:
         raise BundleError(
-            f"weights file {weights} has sha256 {actual}, the manifest expects {entry.sha256}; "
+            f"{what} {path} has sha256 {actual}, the manifest expects {sha256}; "
             "the bundle was modified or damaged"
         )
+    return path
+
+
+def load_keras_model(bundle_dir: Path, entry: ModelEntry) -> Any:
+    """The Keras model of one manifest entry, after checking its weights file's sha256."""
+    weights = _checked_file(bundle_dir, entry.weights, entry.sha256, "weights file")
     import keras  # only models/ imports keras, and only when a bundle is loaded
 
-    return Predictor(keras.saving.load_model(weights, compile=False))
+    return keras.saving.load_model(weights, compile=False)
 
 
-_cache: dict[Path, Bundle] = {}
+def _load_onnx(bundle_dir: Path, entry: ModelEntry, threads: InferenceThreads) -> Predictor:
+    if entry.onnx is None:  # resolve_engine has ruled this out
+        raise BundleError(f"{entry.weights} has no ONNX export")
+    path = _checked_file(bundle_dir, entry.onnx.file, entry.onnx.sha256, "ONNX model")
+    try:
+        predictor = OnnxPredictor(path, threads)
+    except Exception as exc:  # onnxruntime raises its own unrelated classes for a bad file
+        raise BundleError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+    spec = entry.spec
+    expected = (spec.input_size, spec.input_size, spec.channels)
+    if tuple(predictor.input_shape[1:]) != expected:
+        raise BundleError(
+            f"{path} takes inputs of shape {predictor.input_shape[1:]}, the manifest's "
+            f"preprocessing gives {expected}"
+        )
+    return predictor
+
+
+def resolve_engine(manifest: Manifest, requested: str = AUTO) -> str:
+    """The engine a bundle is served with.
+
+    ``auto`` picks ONNX Runtime when every model has an ONNX export and onnxruntime is
+    installed (it was the faster engine in ``bonewatch bench``), else Keras.
+
+    Raises:
+        BundleError: ``onnx`` was asked for and the bundle or the environment cannot provide it,
+            or the engine name is unknown.
+    """
+    if requested == AUTO:
+        return "onnx" if manifest.has_onnx() and onnxruntime_available() else "keras"
+    if requested not in ENGINES:
+        raise BundleError(f"unknown engine {requested!r}; choose one of {(AUTO, *ENGINES)}")
+    if requested == "onnx":
+        if not manifest.has_onnx():
+            raise BundleError(
+                f"bundle {manifest.name} {manifest.version} has no ONNX models; add them with "
+                "`bonewatch bundle export-onnx BUNDLE` or serve it with the keras engine"
+            )
+        if not onnxruntime_available():
+            raise BundleError("the onnx engine needs the onnxruntime package, which is missing")
+    return requested
+
+
+_cache: dict[tuple[Path, str], Bundle] = {}
 _cache_lock = threading.Lock()
 
 
-def load_bundle(bundle_dir: str | Path) -> Bundle:
-    """Load a bundle once per process; later calls with the same folder return the same object.
+def load_bundle(
+    bundle_dir: str | Path, *, engine: str = AUTO, threads: InferenceThreads | None = None
+) -> Bundle:
+    """Load a bundle once per process and engine; later calls return the same object.
+
+    Args:
+        bundle_dir: The bundle folder.
+        engine: ``keras``, ``onnx`` or ``auto`` (see :func:`resolve_engine`).
+        threads: The framework's thread pools. Given, they are applied before the first model
+            loads (TensorFlow's are process-wide and fixed once it has started); None leaves
+            TensorFlow's defaults and gives ONNX Runtime one thread per core.
 
     Raises:
-        BundleError: the folder is not a valid bundle or a weights checksum does not match.
+        BundleError: the folder is not a valid bundle, a checksum does not match, or the engine
+            cannot serve it.
     """
-    key = Path(bundle_dir).resolve()
+    root = Path(bundle_dir).resolve()
     with _cache_lock:
-        cached = _cache.get(key)
+        manifest = read_manifest(root)
+        chosen = resolve_engine(manifest, engine)
+        cached = _cache.get((root, chosen))
         if cached is not None:
             return cached
-        manifest = read_manifest(key)
-        stage1 = _load_keras(key, manifest.body_part)
-        fracture = {part: _load_keras(key, manifest.fracture[part]) for part in manifest.parts()}
-        bundle = Bundle(key, manifest, stage1, fracture)
-        _cache[key] = bundle
-        log.info("loaded bundle %s %s from %s", manifest.name, manifest.version, key)
+        if chosen == "onnx":
+            onnx_threads = threads or InferenceThreads()
+            stage1 = _load_onnx(root, manifest.body_part, onnx_threads)
+            fracture = {
+                part: _load_onnx(root, manifest.fracture[part], onnx_threads)
+                for part in manifest.parts()
+            }
+        else:
+            if threads is not None:
+                configure_tensorflow_threads(threads)
+            stage1 = KerasPredictor(load_keras_model(root, manifest.body_part))
+            fracture = {
+                part: KerasPredictor(load_keras_model(root, manifest.fracture[part]))
+                for part in manifest.parts()
+            }
+        bundle = Bundle(root, manifest, stage1, fracture, chosen)
+        _cache[(root, chosen)] = bundle
+        log.info("loaded bundle %s %s from %s on %s", manifest.name, manifest.version, root, chosen)
         return bundle
 
 
 def forget_bundle(bundle_dir: str | Path) -> None:
-    """Drop a cached bundle so the next :func:`load_bundle` reads it again (after retraining)."""
+    """Drop a cached bundle (every engine) so the next :func:`load_bundle` reads it again."""
+    root = Path(bundle_dir).resolve()
     with _cache_lock:
-        _cache.pop(Path(bundle_dir).resolve(), None)
+        for key in [k for k in _cache if k[0] == root]:
+            del _cache[key]
 
 
 def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> Manifest:
-    """Validate ``manifest`` and write it as the bundle's ``manifest.json``."""
+    """Validate ``manifest`` and write it as the bundle's ``manifest.json``.
+
+    The file is replaced in one rename, so a worker loading the bundle meanwhile reads either
+    the old manifest or the new one.
+    """
     parsed = Manifest.model_validate(manifest)
     path = Path(bundle_dir) / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
     return parsed

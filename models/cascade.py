@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ingest import DecodedImage, body_part_hint
 from models.bundle import OTHER, Bundle, Predictor
-from models.preprocess import PreprocessSpec, preprocess_batch
+from models.preprocess import PreprocessSpec, preprocess, preprocess_batch
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,68 @@ def predict_probs(model: Predictor, x: np.ndarray, batch_size: int = 32) -> np.n
     return np.concatenate(outs) if outs else np.zeros((0, 1))
 
 
+def group_by_part(probs: np.ndarray, labels: Sequence[str], floor: float) -> dict[str, list[int]]:
+    """Stage 2's work: the images of each body part that stage 1 chose with enough confidence.
+
+    Returns:
+        Row indices of ``probs`` per part, in input order; ``other`` and rows under ``floor``
+        are left out.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(probs):
+        part = labels[int(np.argmax(row))]
+        if part != OTHER and float(row.max()) >= floor:
+            groups.setdefault(part, []).append(i)
+    return groups
+
+
+def input_specs(bundle: Bundle) -> list[PreprocessSpec]:
+    """The distinct preprocessing specs a bundle's models take, stage 1's first."""
+    specs: list[PreprocessSpec] = []
+    for entry in bundle.manifest.models().values():
+        if entry.spec not in specs:
+            specs.append(entry.spec)
+    return specs
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    """Model inputs prepared ahead of the cascade, one row per image in the cascade's order.
+
+    The worker builds them in its decode pool, so preprocessing overlaps inference instead of
+    running between batches. ``seconds`` is the time that took, summed over the images.
+    """
+
+    tensors: Mapping[PreprocessSpec, np.ndarray]
+    seconds: float = 0.0
+
+    @classmethod
+    def from_rows(
+        cls, rows: Sequence[Sequence[np.ndarray]], specs: Sequence[PreprocessSpec], seconds: float
+    ) -> Preprocessed:
+        """Stack per-image inputs (one list per image, in ``specs`` order) into batches."""
+        return cls(
+            {spec: np.stack([row[k] for row in rows]) for k, spec in enumerate(specs)}, seconds
+        )
+
+
+def prepare_inputs(pixels: np.ndarray, specs: Sequence[PreprocessSpec]) -> list[np.ndarray]:
+    """One image's model inputs for each of ``specs``."""
+    return [preprocess(pixels, spec) for spec in specs]
+
+
 class _Tensors:
     """Preprocess a batch once per distinct spec (stages often share one)."""
 
-    def __init__(self, images: Sequence[DecodedImage]) -> None:
+    def __init__(self, images: Sequence[DecodedImage], ready: Preprocessed | None = None) -> None:
         self._pixels = [im.pixels for im in images]
         self._by_spec: dict[PreprocessSpec, np.ndarray] = {}
         self.seconds = 0.0
+        if ready is not None:
+            self._by_spec.update(
+                (spec, x) for spec, x in ready.tensors.items() if len(x) == len(images)
+            )
+            self.seconds = ready.seconds
 
     def get(self, spec: PreprocessSpec, index: Sequence[int] | None = None) -> np.ndarray:
         if spec not in self._by_spec:
@@ -59,9 +114,15 @@ class _Tensors:
 
 
 def run_cascade(
-    images: Sequence[DecodedImage], bundle: Bundle, *, batch_size: int = 32
+    images: Sequence[DecodedImage],
+    bundle: Bundle,
+    *,
+    batch_size: int = 32,
+    preprocessed: Preprocessed | None = None,
 ) -> list[Prediction]:
     """Classify the body part of every image, then run each part's fracture model on its group.
+
+    ``preprocessed`` supplies model inputs made beforehand; specs it lacks are computed here.
 
     Returns:
         One :class:`Prediction` per input image, in input order.
@@ -72,20 +133,15 @@ def run_cascade(
     manifest = bundle.manifest
     labels = manifest.body_part.labels
     floor = manifest.body_part.confidence_floor
-    tensors = _Tensors(images)
+    tensors = _Tensors(images, preprocessed)
+    preprocess_before = tensors.seconds
 
     t0 = time.perf_counter()
     probs = predict_probs(bundle.body_part_model, tensors.get(manifest.body_part.spec), batch_size)
-    stage1_s = time.perf_counter() - t0 - tensors.seconds
+    stage1_s = time.perf_counter() - t0 - (tensors.seconds - preprocess_before)
 
-    chosen: list[str] = []
-    for row in probs:
-        chosen.append(labels[int(np.argmax(row))])
-
-    groups: dict[str, list[int]] = {}
-    for i, (part, row) in enumerate(zip(chosen, probs, strict=True)):
-        if part != OTHER and float(row.max()) >= floor:
-            groups.setdefault(part, []).append(i)
+    chosen = [labels[int(np.argmax(row))] for row in probs]
+    groups = group_by_part(probs, labels, floor)
 
     p_fracture: dict[int, float] = {}
     stage2_s = 0.0

@@ -110,11 +110,15 @@ def process(
     paths: Annotated[list[Path], typer.Argument(help="Files and folders to process.")],
     bundle: BundleOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Distributed mode: follow the workers until done.")
+    ] = False,
 ) -> None:
     """Register every file under PATHS, process them all, print a summary.
 
-    Bad files end as `failed`/`unsupported` rows with a reason; the exit code is non-zero only
-    when the system itself fails (database, bundle).
+    With BONEWATCH_BROKER_URL set, files are only registered and enqueued on the `bulk` queue
+    for `bonewatch worker` processes. Bad files end as `failed`/`unsupported` rows with a reason;
+    the exit code is non-zero only when the system itself fails (database, bundle, broker).
     """
     from db import count_by_status
     from worker.runner import open_ledger, process_paths
@@ -123,6 +127,9 @@ def process(
     if missing:
         _fail(f"no such file or folder: {', '.join(missing)}")
     settings = _settings(bundle=bundle, batch_size=batch_size)
+    if settings.distributed:
+        _enqueue(paths, settings, wait=wait)
+        return
     with _progress() as progress:
         seen = progress.add_task("registering", total=None)
         work = progress.add_task("processing", total=0)
@@ -149,6 +156,57 @@ def process(
     out.print("ledger: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
+def _enqueue(paths: list[Path], settings: Settings, *, wait: bool) -> None:
+    """``process`` in distributed mode: register, publish on ``bulk``, optionally follow."""
+    from worker.distributed import DistributedError, Publisher
+    from worker.runner import process_paths
+
+    try:
+        publisher = Publisher(settings, "bulk")
+        with _progress() as progress:
+            seen = progress.add_task("registering", total=None)
+            queued = progress.add_task("enqueued on bulk", total=None)
+            registered, _ = process_paths(
+                paths,
+                settings,
+                on_registered=lambda n: progress.advance(seen, n),
+                on_queued=lambda n: progress.advance(queued, n),
+                enqueue=publisher,
+            )
+            progress.update(seen, total=registered.seen)
+            progress.update(queued, total=publisher.images)
+    except DistributedError as exc:
+        _fail(str(exc))
+    out.print(
+        f"{registered.seen} file(s) seen: {registered.new} new, {registered.duplicates} "
+        f"duplicate(s), {registered.refused} refused at the door; {publisher.images} image(s) "
+        f"enqueued on bulk in {publisher.messages} message(s)."
+    )
+    if wait:
+        _follow_ledger(settings)
+
+
+def _follow_ledger(settings: Settings, poll_seconds: float = 1.0) -> None:
+    """Show the ledger's progress until nothing is queued or processing any more."""
+    import time
+
+    from db import count_by_status
+    from worker.distributed import open_shared_ledger
+
+    engine = open_shared_ledger(settings)
+    with _progress() as progress:
+        task = progress.add_task("workers finishing", total=None)
+        while True:
+            counts = count_by_status(engine)
+            pending = counts["queued"] + counts["processing"]
+            total = sum(counts.values())
+            progress.update(task, total=total, completed=total - pending)
+            if not pending:
+                break
+            time.sleep(poll_seconds)
+    out.print("ledger: " + ", ".join(f"{k} {v}" for k, v in count_by_status(engine).items()))
+
+
 @app.command()
 def watch(
     inbox: Annotated[Path, typer.Argument(help="Folder to follow.")],
@@ -157,19 +215,94 @@ def watch(
         float | None, typer.Option(help="Seconds a file must stay unchanged.")
     ] = None,
     bundle: BundleOpt = None,
+    quarantine: Annotated[
+        bool | None,
+        typer.Option(
+            "--quarantine/--no-quarantine",
+            help="Move finished files to INBOX/done/ or INBOX/failed/ (BONEWATCH_QUARANTINE).",
+        ),
+    ] = None,
 ) -> None:
     """Follow INBOX until Ctrl-C: files already there first, then new ones as they complete."""
     from worker.runner import watch_inbox
 
     if not inbox.is_dir():
         _fail(f"inbox {inbox} is not a folder")
-    settings = _settings(poll=poll, settle_seconds=settle, bundle=bundle)
+    settings = _settings(poll=poll, settle_seconds=settle, bundle=bundle, quarantine=quarantine)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    enqueue = None
+    if settings.distributed:
+        from worker.distributed import Publisher
+
+        enqueue = Publisher(settings, "live")
     try:
-        watch_inbox(inbox, settings, stop=stop, on_event=lambda m: err.print(m))
+        watch_inbox(inbox, settings, stop=stop, on_event=lambda m: err.print(m), enqueue=enqueue)
     except KeyboardInterrupt:
         err.print("stopped")
+
+
+@app.command()
+def worker(
+    queues: Annotated[
+        str, typer.Option("--queues", "-Q", help="Queues to consume; live always first.")
+    ] = "live,bulk",
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-c", min=1, help="Worker processes on this host.")
+    ] = 1,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    hostname: Annotated[
+        str | None, typer.Option(help="Celery node name (default bonewatch@<host>).")
+    ] = None,
+    bundle: BundleOpt = None,
+) -> None:
+    """Run Celery worker processes (distributed mode; needs BONEWATCH_BROKER_URL).
+
+    Each process loads the bundle once and takes batches of image ids; the parent also runs
+    `reconcile` every BONEWATCH_RECONCILE_INTERVAL seconds.
+    """
+    from worker.distributed import DistributedError, parse_queues, run_worker
+
+    settings = _settings(bundle=bundle)
+    if not settings.distributed:
+        _fail("bonewatch worker needs BONEWATCH_BROKER_URL (e.g. redis://127.0.0.1:6379/0)")
+    try:
+        run_worker(
+            settings,
+            queues=parse_queues(queues),
+            concurrency=concurrency,
+            loglevel=loglevel.upper(),
+            hostname=hostname or f"bonewatch-{os.getpid()}@%h",
+        )
+    except DistributedError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def reconcile(
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="table or json.")] = (
+        OutputFormat.table
+    ),
+) -> None:
+    """Reclaim expired leases and re-publish queued images whose message was lost."""
+    from worker.distributed import DistributedError, open_shared_ledger
+    from worker.distributed import reconcile as run_reconcile
+
+    settings = _settings()
+    if not settings.distributed:
+        _fail("bonewatch reconcile needs BONEWATCH_BROKER_URL (there is no queue to repair)")
+    try:
+        summary = run_reconcile(open_shared_ledger(settings), settings)
+    except DistributedError as exc:
+        _fail(str(exc))
+    if fmt is OutputFormat.json:
+        sys.stdout.write(json.dumps(summary.as_dict()) + "\n")
+        return
+    out.print(
+        f"released {summary.released} lease(s) of dead local workers, reclaimed "
+        f"{summary.reclaimed} expired lease(s), re-published {summary.republished} image(s); "
+        "queue depths: " + ", ".join(f"{q} {n}" for q, n in summary.queues.items())
+    )
 
 
 def _render(rows: list[dict[str, Any]], columns: list[str], fmt: OutputFormat) -> None:
@@ -192,7 +325,7 @@ def _render(rows: list[dict[str, Any]], columns: list[str], fmt: OutputFormat) -
 
 def _shown(column: str, value: Any) -> Any:
     """Paths under the working directory are shown relative to it, to keep tables readable."""
-    if column == "path" and isinstance(value, str):
+    if column in ("path", "heatmap_path") and isinstance(value, str):
         try:
             return str(Path(value).relative_to(Path.cwd()))
         except ValueError:
@@ -262,6 +395,8 @@ def results(
         max_p=max_p,
     )
     columns = list(rows[0]) if rows and fmt is not OutputFormat.table else IMAGE_COLUMNS
+    if fmt is OutputFormat.table and any(row.get("heatmap_path") for row in rows):
+        columns = [*columns, "heatmap_path"]
     _render(rows, columns, fmt)
 
 
@@ -271,18 +406,37 @@ def status_cmd(
         OutputFormat.table
     ),
 ) -> None:
-    """Count images by status."""
-    from db import count_by_status
-    from worker.runner import open_ledger
+    """Count images by status, check nothing is lost or counted twice, show queue depths."""
+    from worker.runner import ledger_status
 
-    counts = count_by_status(open_ledger(_settings()))
+    try:
+        report = ledger_status(_settings())
+    except Exception as exc:
+        from worker.distributed import DistributedError
+
+        if isinstance(exc, DistributedError):
+            _fail(str(exc))
+        raise
     if fmt is OutputFormat.json:
-        sys.stdout.write(json.dumps(counts) + "\n")
+        sys.stdout.write(json.dumps(report) + "\n")
         return
     table = Table("status", "images")
-    for key, value in counts.items():
+    for key, value in report["counts"].items():
         table.add_row(key, str(value))
+    table.add_row("[bold]total", str(report["total"]))
     out.print(table)
+    health = report["health"]
+    out.print(
+        f"lost: {report['lost']} ({health['expired_leases']} expired lease(s)"
+        + (
+            f", {health['unpublished']} queued without a message"
+            if health.get("unpublished") is not None
+            else ""
+        )
+        + f"); images predicted twice by one bundle version: {health['double_predictions']}"
+    )
+    if report["queues"] is not None:
+        out.print("queue depths: " + ", ".join(f"{q} {n}" for q, n in report["queues"].items()))
 
 
 @db_app.command("upgrade")
@@ -328,11 +482,39 @@ def synth(
 
 @app.command()
 def train(
-    dataset: Annotated[Path, typer.Argument(help="MURA-layout dataset folder.")],
+    dataset: Annotated[
+        Path,
+        typer.Argument(
+            help="Dataset folder: MURA layout, Fracture/ Normal/ folders, or images with a "
+            "labels.csv."
+        ),
+    ],
     bundle_out: Annotated[Path, typer.Option("--out", help="Bundle folder to write.")],
     name: Annotated[str, typer.Option(help="Bundle name.")] = "bundle",
     version: Annotated[str | None, typer.Option(help="Bundle version.")] = None,
-    backbone: Annotated[str, typer.Option(help="small_cnn, densenet121, ...")] = "small_cnn",
+    layout: Annotated[
+        str, typer.Option(help="Dataset layout: auto, mura, folders or labels.")
+    ] = "auto",
+    labels: Annotated[
+        Path | None, typer.Option(help="Labels CSV (labels layout); DATASET/labels.csv if unset.")
+    ] = None,
+    part: Annotated[
+        str | None, typer.Option(help="Body part of images whose layout names none.")
+    ] = None,
+    backbone: Annotated[
+        str,
+        typer.Option(
+            help="small_cnn, densenet121, densenet169, resnet50, efficientnetb0 or "
+            "mobilenetv3small."
+        ),
+    ] = "small_cnn",
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="Initial backbone weights: none, imagenet (downloaded), or a local file saved "
+            "from the same keras.applications model with include_top=False."
+        ),
+    ] = "none",
     input_size: Annotated[int, typer.Option(help="Model input side in pixels.")] = 128,
     epochs: Annotated[int, typer.Option(help="Stage-1 epochs.")] = 15,
     fracture_epochs: Annotated[
@@ -341,7 +523,39 @@ def train(
     part_epochs: Annotated[
         int, typer.Option(help="Fine-tuning epochs of each part's fracture model.")
     ] = 10,
-    seed: Annotated[int, typer.Option(help="Seed for splits and weights.")] = 0,
+    freeze_epochs: Annotated[
+        int, typer.Option(min=0, help="Pretrained weights: first epochs with the backbone frozen.")
+    ] = 3,
+    fine_tune_layers: Annotated[
+        int, typer.Option(help="Pretrained weights: top backbone layers fine-tuned next (-1: all).")
+    ] = 40,
+    fine_tune_lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Rate of fine-tuning and of each part's model (default: learning rate / 5)."
+        ),
+    ] = None,
+    learning_rate: Annotated[float, typer.Option(help="Rate of training from scratch.")] = 2e-3,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 32,
+    patience: Annotated[
+        int, typer.Option(min=1, help="Epochs without a better validation score before stopping.")
+    ] = 8,
+    augment: Annotated[
+        str, typer.Option(help="none, flip, or full (flips, rotation, zoom, brightness).")
+    ] = "flip",
+    class_weights: Annotated[
+        bool, typer.Option(help="Weigh classes inversely to their frequency.")
+    ] = True,
+    fractions: Annotated[
+        str, typer.Option(help="Train,validation,test shares of the patients.")
+    ] = "0.7,0.15,0.15",
+    cache_gb: Annotated[
+        float, typer.Option(min=0.0, help="Largest disk cache of preprocessed images (0: none).")
+    ] = 8.0,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the interrupted run into --out where it stopped.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed for splits, weights and shuffling.")] = 0,
     confidence_floor: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Stage-1 probability below which = unsupported.")
     ] = 0.7,
@@ -350,33 +564,64 @@ def train(
     ] = "Research use: fracture triage on upper-limb radiographs. Not a diagnostic device.",
 ) -> None:
     """Train a two-stage bundle (body part, then a fracture model per part)."""
-    from models.datasets import DatasetError, load_dataset
-    from models.train import TrainConfig, train_bundle
+    from models.architectures import WeightsError
+    from models.datasets import DatasetError, detect_layout, load_dataset
+    from models.train import TrainConfig, TrainProgress, train_bundle
 
     try:
-        samples = load_dataset(dataset)
-    except DatasetError as exc:
+        found = detect_layout(dataset, labels) if layout == "auto" else layout
+        samples = load_dataset(dataset, layout=found, labels=labels, part=part)
+        config = TrainConfig(
+            backbone=backbone,
+            weights=weights,
+            input_size=input_size,
+            epochs=epochs,
+            fracture_epochs=fracture_epochs,
+            part_epochs=part_epochs,
+            freeze_epochs=freeze_epochs,
+            fine_tune_layers=fine_tune_layers,
+            fine_tune_lr=fine_tune_lr,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            patience=patience,
+            augment=augment,
+            class_weights=class_weights,
+            fractions=tuple(float(f) for f in fractions.split(",")),  # type: ignore[arg-type]
+            cache_gb=cache_gb,
+            seed=seed,
+            confidence_floor=confidence_floor,
+        )
+    except (DatasetError, ValueError) as exc:
         _fail(str(exc))
-    config = TrainConfig(
-        backbone=backbone,
-        input_size=input_size,
-        epochs=epochs,
-        fracture_epochs=fracture_epochs,
-        part_epochs=part_epochs,
-        seed=seed,
-        confidence_floor=confidence_floor,
-    )
-    result = train_bundle(
-        samples,
-        bundle_out,
-        config=config,
-        name=name,
-        version=version,
-        intended_use=intended_use,
-        dataset=str(dataset),
-        command="bonewatch " + shlex.join(sys.argv[1:]),
-        report=lambda m: err.print(m),
-    )
+    err.print(f"{len(samples)} images in the {found} layout under {dataset}")
+    with _progress() as progress:
+        bars: dict[str, Any] = {}
+
+        def show(p: TrainProgress) -> None:
+            if p.stage not in bars:
+                bars[p.stage] = progress.add_task(p.stage, total=p.steps)
+            label = f"{p.stage} {p.epoch}/{p.epochs}" if p.epoch else p.stage
+            progress.update(bars[p.stage], description=label, total=p.steps, completed=p.step)
+
+        try:
+            result = train_bundle(
+                samples,
+                bundle_out,
+                config=config,
+                name=name,
+                version=version,
+                intended_use=intended_use,
+                dataset=str(dataset),
+                command="bonewatch " + shlex.join(sys.argv[1:]),
+                report=lambda m: progress.console.print(m, markup=False, highlight=False),
+                resume=resume,
+                progress=show,
+                layout=found,
+            )
+        except (WeightsError, ValueError) as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted; run the same command with --resume to continue", code=130)
     metrics = result.manifest.get("metrics", {})
     out.print(
         f"bundle written to {result.bundle_dir}: held-out body-part accuracy "
@@ -389,43 +634,202 @@ def train(
 def evaluate(
     dataset: Annotated[Path, typer.Argument(help="MURA-layout dataset folder.")],
     bundle: BundleOpt = None,
+    folds: Annotated[
+        int | None,
+        typer.Option(
+            "--folds",
+            min=2,
+            help="k-fold cross-validation by patient: train one bundle per fold with the "
+            "bundle's recorded recipe, evaluate it on the held-out fold.",
+        ),
+    ] = None,
+    report_dir: Annotated[
+        Path | None, typer.Option("--report", help="Write an HTML report with plots here.")
+    ] = None,
+    localisation: Annotated[
+        bool,
+        typer.Option(
+            "--localisation",
+            help="Also measure how often the Grad-CAM peak lies in a fracture box "
+            "(phantoms: the dataset's fractures.csv).",
+        ),
+    ] = False,
+    resamples: Annotated[
+        int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples for the 95 % CIs.")
+    ] = 1000,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Seed of the bootstrap (default 0) and of the folds (default the recipe's seed)."
+        ),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="With --folds: replace one recipe setting, KEY=VALUE (repeatable)."
+        ),
+    ] = None,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="table or json.")] = (
         OutputFormat.table
     ),
 ) -> None:
-    """Evaluate a bundle on a labelled dataset (MURA metrics: study AUROC, kappa)."""
-    from models.bundle import load_bundle
+    """Evaluate a bundle on a labelled dataset: MURA metrics with 95 % bootstrap CIs."""
+    from models.bundle import BundleError, load_bundle
     from models.datasets import DatasetError, load_dataset
-    from models.evaluate import evaluate_bundle
+    from models.evaluate import Bootstrap, evaluate_predictions
+    from worker import reports
 
+    if overrides and folds is None:
+        _fail("--set changes the training recipe; it only applies with --folds")
+    if localisation and folds is not None:
+        _fail("--localisation measures the given bundle; run it without --folds")
+    if localisation and not (dataset / "fractures.csv").is_file():
+        _fail(f"--localisation needs {dataset / 'fractures.csv'} (written by bonewatch synth)")
     try:
         samples = load_dataset(dataset)
     except DatasetError as exc:
         _fail(str(exc))
-    loaded = load_bundle(_settings(bundle=bundle).bundle)
+    settings = _settings(bundle=bundle)
+    boot = Bootstrap(resamples=resamples, seed=0 if seed is None else seed) if resamples else None
+    try:
+        loaded = load_bundle(settings.bundle)
+    except BundleError as exc:
+        _fail(str(exc), code=1)
+    if folds is not None:
+        _cross_validate(
+            dataset, samples, loaded, folds, seed, overrides or [], boot, report_dir, fmt
+        )
+        return
     with _progress() as progress:
         task = progress.add_task("evaluating", total=len(samples))
-        report = evaluate_bundle(samples, loaded, on_batch=lambda n: progress.advance(task, n))
+        report, scored = evaluate_predictions(
+            samples, loaded, bootstrap=boot, on_batch=lambda n: progress.advance(task, n)
+        )
+    if localisation:
+        from models.gradcam import measure_localisation, read_fracture_boxes
+
+        boxes = read_fracture_boxes(dataset)
+        with _progress() as progress:
+            n_boxed = sum(s.path.resolve() in boxes for s in samples)
+            task = progress.add_task("Grad-CAM", total=n_boxed)
+            report["localisation"] = measure_localisation(
+                samples, boxes, loaded, on_batch=lambda n: progress.advance(task, n)
+            ).to_dict()
+    if report_dir is not None:
+        from models.report import write_report
+
+        index = write_report(
+            report_dir,
+            report,
+            scored,
+            title=f"{loaded.name} {loaded.version} on {dataset}",
+            manifest=loaded.manifest,
+            bundle=loaded,
+        )
+        err.print(f"report written to {index}")
     if fmt is OutputFormat.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
-    out.print(
-        f"{loaded.name} {loaded.version} on {report['n_images']} images: body-part accuracy "
-        f"{_cell(report['body_part_accuracy'])}, image AUROC "
-        f"{_cell(report['fracture_auroc_image'])}, study AUROC "
-        f"{_cell(report['fracture_auroc_study'])}, study kappa {_cell(report['kappa_study'])}"
-    )
-    table = Table("part", "studies", "AUROC (study)", "kappa (study)", "sensitivity", "specificity")
-    for part, block in report["per_part"].items():
-        table.add_row(
-            part,
-            str(block["n_studies"]),
-            _cell(block["auroc_study"]),
-            _cell(block["kappa_study"]),
-            _cell(block["sensitivity_study"]),
-            _cell(block["specificity_study"]),
+    for renderable in reports.evaluation(report):
+        out.print(renderable)
+    if "localisation" in report:
+        out.print(reports.localisation(report["localisation"]))
+
+
+def _cross_validate(
+    dataset: Path,
+    samples: list[Any],
+    loaded: Any,
+    k: int,
+    seed: int | None,
+    overrides: list[str],
+    boot: Any,
+    report_dir: Path | None,
+    fmt: OutputFormat,
+) -> None:
+    """``evaluate --folds K``: one bundle trained and evaluated per fold."""
+    from models.crossval import cross_validate, parse_overrides
+    from worker import reports
+
+    try:
+        changes = parse_overrides(overrides)
+        cv = cross_validate(
+            samples,
+            loaded.manifest,
+            k,
+            seed=seed,
+            overrides=changes,
+            bootstrap=boot,
+            dataset=str(dataset),
+            command="bonewatch " + shlex.join(sys.argv[1:]),
+            report=lambda m: err.print(m),
         )
-    out.print(table)
+    except ValueError as exc:
+        _fail(str(exc))
+    if report_dir is not None:
+        from models.report import write_report
+
+        index = write_report(
+            report_dir,
+            cv.report["pooled"],
+            [s for fold in cv.folds for s in fold.scored],
+            title=f"{k}-fold cross-validation of the {loaded.name} {loaded.version} recipe "
+            f"on {dataset}",
+            manifest=loaded.manifest,
+            histories={f"fold {f.fold}": f.history for f in cv.folds},
+            cross_validation=cv.report,
+        )
+        err.print(f"report written to {index}")
+    if fmt is OutputFormat.json:
+        sys.stdout.write(json.dumps(cv.report, indent=2) + "\n")
+        return
+    for renderable in reports.cross_validation(cv.report):
+        out.print(renderable)
+
+
+@app.command()
+def explain(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="DICOM, PNG or JPEG radiograph.")],
+    out_png: Annotated[
+        Path | None,
+        typer.Option("--out", help="PNG to write (default ./<FILE stem>-gradcam.png)."),
+    ] = None,
+    bundle: BundleOpt = None,
+    part: Annotated[
+        str | None,
+        typer.Option(help="Explain this part's fracture model instead of stage 1's choice."),
+    ] = None,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="table or json.")] = (
+        OutputFormat.table
+    ),
+) -> None:
+    """Write FILE with the Grad-CAM heatmap of its part's fracture model over it."""
+    from ingest import IngestError
+    from models.bundle import BundleError, load_bundle
+    from worker.heatmaps import ExplainRefused, explain_file
+
+    if not file.is_file():
+        _fail(f"no such file: {file}")
+    settings = _settings(bundle=bundle)
+    target = out_png or Path.cwd() / f"{file.stem}-gradcam.png"
+    try:
+        loaded = load_bundle(settings.bundle)
+        result = explain_file(file, loaded, settings, out=target.absolute(), part=part)
+    except BundleError as exc:
+        _fail(str(exc), code=1)
+    except IngestError as exc:
+        _fail(f"{file}: {exc.reason}", code=1)
+    except (ExplainRefused, ValueError) as exc:
+        _fail(str(exc), code=1)
+    if fmt is OutputFormat.json:
+        sys.stdout.write(json.dumps(result.to_json()) + "\n")
+        return
+    label = "positive" if result.p_fracture >= result.threshold else "negative"
+    out.print(
+        f"{result.part} fracture model: p(fracture) {result.p_fracture:.3f} (threshold "
+        f"{result.threshold:.3f}: {label}); heatmap peak at x={result.peak_xy[0]}, "
+        f"y={result.peak_xy[1]} (layer {result.layer}); written to {result.heatmap}"
+    )
 
 
 @bundle_app.command("show")
@@ -437,6 +841,7 @@ def bundle_show(
 ) -> None:
     """Print a bundle's manifest as a model card."""
     from models.bundle import BundleError, read_manifest
+    from worker import reports
 
     try:
         manifest = read_manifest(bundle_dir)
@@ -446,34 +851,108 @@ def bundle_show(
     if fmt is OutputFormat.json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
-    out.print(f"[bold]{manifest.name}[/] {manifest.version}")
-    out.print(f"intended use: {manifest.intended_use}")
-    trained = manifest.trained_on
-    out.print(
-        f"trained on: {trained.get('dataset')} ({trained.get('n_images')} images, "
-        f"{trained.get('n_patients')} patients, fingerprint {str(trained.get('fingerprint'))[:12]})"
+    for renderable in reports.model_card(manifest):
+        out.print(renderable)
+
+
+@bundle_app.command("export-onnx")
+def bundle_export_onnx(
+    bundle_dir: Annotated[Path, typer.Argument(metavar="B", help="Bundle folder.")],
+    opset: Annotated[int, typer.Option(min=13, help="ONNX opset.")] = 17,
+) -> None:
+    """Add ONNX models to a bundle (for BONEWATCH_ENGINE=onnx) and record them in its manifest.
+
+    Each export is checked against its Keras model on phantoms and refused if any output
+    differs by more than 1e-4.
+    """
+    from models.bundle import BundleError
+    from models.onnx_export import export_onnx
+
+    try:
+        _, exported = export_onnx(bundle_dir, opset=opset, report=lambda m: err.print(m))
+    except BundleError as exc:
+        _fail(str(exc), code=1)
+    for item in exported:
+        out.print(f"{item.role}: {item.file} (max |keras - onnx| {item.max_abs_diff:.1e})")
+    out.print(f"{len(exported)} ONNX model(s) recorded in {bundle_dir / 'manifest.json'}")
+
+
+class EngineChoice(StrEnum):
+    auto = "auto"
+    keras = "keras"
+    onnx = "onnx"
+
+
+@app.command()
+def bench(
+    images: Annotated[int, typer.Option(min=1, help="Phantom images to process.")] = 200,
+    backbone: Annotated[str, typer.Option(help="small_cnn, densenet121, ...")] = "densenet121",
+    input_size: Annotated[int, typer.Option(min=8, help="Model input side in pixels.")] = 224,
+    engine: Annotated[
+        EngineChoice | None, typer.Option(help="Engine of the worker runs (BONEWATCH_ENGINE).")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per batch.")] = None,
+    seed_style_images: Annotated[
+        int, typer.Option(min=1, help="Images served one at a time with model.predict.")
+    ] = 32,
+    register_files: Annotated[
+        int, typer.Option(min=1, help="Small files registered to measure registration.")
+    ] = 2000,
+    distributed_workers: Annotated[
+        int, typer.Option(min=0, help="Worker processes for the distributed figure; 0 skips it.")
+    ] = 1,
+    broker_url: Annotated[str, typer.Option(help="Redis for the distributed figure.")] = (
+        "redis://127.0.0.1:6379/14"
+    ),
+    distributed_database_url: Annotated[
+        str, typer.Option(help="PostgreSQL database for the distributed figure.")
+    ] = "postgresql+psycopg://postgres@127.0.0.1:5432/bonewatch_bench",
+    rss_track: Annotated[
+        bool,
+        typer.Option(
+            "--rss-track", help="Instead: one long run, resident memory against images done."
+        ),
+    ] = False,
+    work_dir: Annotated[
+        Path | None, typer.Option(help="Keep the bundle, images and ledgers here.")
+    ] = None,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="table or json.")] = (
+        OutputFormat.table
+    ),
+) -> None:
+    """Measure throughput: the engine's limit, seed-style serving, embedded and distributed.
+
+    Builds a randomly initialised two-stage bundle with BACKBONE, writes phantom PNGs and runs
+    them through each path on this machine.
+    """
+    from worker.bench import BenchConfig, BenchError, run_bench, run_rss_track
+
+    config = BenchConfig.from_settings(
+        _settings(engine=engine.value if engine else None, batch_size=batch_size),
+        images=images,
+        backbone=backbone,
+        input_size=input_size,
+        seed_style_images=seed_style_images,
+        register_files=register_files,
+        distributed_workers=distributed_workers,
+        broker_url=broker_url,
+        distributed_database_url=distributed_database_url,
     )
-    body = manifest.body_part
-    out.print(
-        f"stage 1: {body.backbone} at {body.spec.input_size}px, labels {', '.join(body.labels)}, "
-        f"confidence floor {body.confidence_floor}"
-    )
-    table = Table("part", "backbone", "threshold", "AUROC (study, held-out)")
-    per_part = manifest.metrics.get("per_part", {})
-    for part, entry in manifest.fracture.items():
-        table.add_row(
-            part,
-            entry.backbone,
-            f"{entry.threshold:.3f}",
-            _cell(per_part.get(part, {}).get("auroc_study")),
-        )
+    try:
+        if rss_track:
+            report = run_rss_track(config, work_dir=work_dir, report=lambda m: err.print(m))
+        else:
+            report = run_bench(config, work_dir=work_dir, report=lambda m: err.print(m))
+    except (BenchError, ValueError) as exc:
+        _fail(str(exc), code=1)
+    if fmt is OutputFormat.json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    table = Table("figure", "value")
+    for key, value in report.items():
+        if key != "samples":
+            table.add_row(key, json.dumps(value) if isinstance(value, dict) else _cell(value))
     out.print(table)
-    m = manifest.metrics
-    if m:
-        out.print(
-            f"held-out: body-part accuracy {_cell(m.get('body_part_accuracy'))}, study AUROC "
-            f"{_cell(m.get('fracture_auroc_study'))}, study kappa {_cell(m.get('kappa_study'))}"
-        )
 
 
 def run() -> None:

@@ -12,9 +12,11 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cache
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -33,17 +35,43 @@ from ingest import (
     FileChangedError,
     FileVanishedError,
     ImageMeta,
+    ImageTooLargeError,
     IngestError,
     check_acceptance,
+    printable_path,
     read_header,
     read_image,
     sha256_file,
 )
-from models.bundle import Bundle
-from models.cascade import Prediction, run_cascade
+from models.bundle import Bundle, load_bundle
+from models.cascade import Prediction, Preprocessed, prepare_inputs, run_cascade
+from models.engines import InferenceThreads
+from models.preprocess import PreprocessSpec
+from worker.heatmaps import store_heatmaps
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def serving_bundle(settings: Settings) -> Bundle:
+    """The configured bundle on the configured engine, its framework threads set from settings."""
+    threads = InferenceThreads(settings.intra_op_threads, settings.inter_op_threads)
+    return load_bundle(settings.bundle, engine=settings.engine, threads=threads)
+
+
+@cache
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "the database or the broker is unavailable": retried with backoff.
+
+    Everything else a batch can meet is a property of the file or the model and is recorded in
+    the ledger, once, never retried.
+    """
+    from kombu.exceptions import OperationalError as BrokerUnavailable
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeout
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    return (OperationalError, InterfaceError, BrokerUnavailable, RedisConnectionError, RedisTimeout)
 
 
 def worker_id() -> str:
@@ -129,13 +157,14 @@ def describe_file(path: Path, settings: Settings, *, salt: str, queue: str) -> N
 def _refused_row(path: Path, exc: IngestError, queue: str) -> NewImage:
     """A finished row for a file refused at the door, with its sha256 when it can be read."""
     sha = size = None
-    if not isinstance(exc, FileVanishedError):
+    # A file refused for its size is not read end to end just to fingerprint it.
+    if not isinstance(exc, FileVanishedError | ImageTooLargeError):
         try:
             sha, size = sha256_file(path), path.stat().st_size
         except (OSError, IngestError):
             sha = size = None  # unreadable: the row keeps the path and the reason
     return NewImage(
-        path=str(path),
+        path=printable_path(path),  # a name that is not UTF-8 is kept escaped, with the reason
         sha256=sha,
         size_bytes=size,
         format=None,
@@ -190,6 +219,9 @@ def register_paths(
         summary.skipped_paths.extend(p for p, row in zip(chunk, described, strict=True) if not row)
         summary.skipped = len(summary.skipped_paths)
         registered = register_images(engine, rows)
+        quarantine_finished(
+            [(row.path, reg.status) for row, reg in zip(rows, registered, strict=True)], settings
+        )
         summary.seen += len(chunk)
         queued = []
         for reg in registered:
@@ -217,15 +249,25 @@ class DecodedBatch:
     images: list[tuple[ClaimedImage, DecodedImage, float]]  # (claim, image, decode seconds)
     failures: list[FailureRecord]
     transient: list[tuple[ClaimedImage, str]]
+    paths: dict[int, str] = field(default_factory=dict)  # image id -> file, for quarantine moves
+    preprocessed: Preprocessed | None = None  # model inputs of ``images``, made in the pool
 
 
 def decode_claimed(
-    claimed: Sequence[ClaimedImage], settings: Settings, pool: Executor
+    claimed: Sequence[ClaimedImage],
+    settings: Settings,
+    pool: Executor,
+    *,
+    specs: Sequence[PreprocessSpec] = (),
 ) -> DecodedBatch:
-    """Decode claimed files in ``pool``; bad files become failures, I/O errors transient."""
+    """Decode claimed files in ``pool``; bad files become failures, I/O errors transient.
+
+    With ``specs`` (:func:`models.cascade.input_specs` of the bundle), each decoded image is also
+    preprocessed for them in the pool, so that work overlaps the previous batch's inference.
+    """
     salt = settings.salt()
 
-    def decode(item: ClaimedImage) -> tuple[ClaimedImage, object, float]:
+    def decode(item: ClaimedImage) -> tuple[ClaimedImage, object, float, list[Any], float]:
         t0 = time.perf_counter()
         try:
             image = read_image(
@@ -240,26 +282,34 @@ def decode_claimed(
                     "the file changed after it was registered; its new content is registered "
                     "as a separate image when it is seen again"
                 )
-            return item, image, time.perf_counter() - t0
+            decoded_s = time.perf_counter() - t0
+            inputs = prepare_inputs(image.pixels, specs)
+            return item, image, decoded_s, inputs, time.perf_counter() - t0 - decoded_s
         except (IngestError, OSError) as exc:
-            return item, exc, time.perf_counter() - t0
+            return item, exc, time.perf_counter() - t0, [], 0.0
         except Exception as exc:  # a decoder bug must cost one file, not the whole run
             log.exception("unexpected error decoding %s", item.path)
             failure = CorruptFileError(
                 f"the decoder failed on this file: {type(exc).__name__}: {exc}"
             )
-            return item, failure, time.perf_counter() - t0
+            return item, failure, time.perf_counter() - t0, [], 0.0
 
-    batch = DecodedBatch([], [], [])
-    for item, result, seconds in pool.map(decode, claimed):
+    batch = DecodedBatch([], [], [], {item.image_id: item.path for item in claimed})
+    inputs: list[list[Any]] = []
+    preprocess_s = 0.0
+    for item, result, seconds, image_inputs, image_preprocess_s in pool.map(decode, claimed):
         if isinstance(result, DecodedImage):
             batch.images.append((item, result, seconds))
+            inputs.append(image_inputs)
+            preprocess_s += image_preprocess_s
         elif isinstance(result, IngestError):
             batch.failures.append(
                 FailureRecord(item.image_id, result.status, result.error_class, result.reason)
             )
         else:
             batch.transient.append((item, f"{type(result).__name__}: {result}"))
+    if specs and inputs:
+        batch = replace(batch, preprocessed=Preprocessed.from_rows(inputs, specs, preprocess_s))
     return batch
 
 
@@ -271,7 +321,8 @@ def infer_and_record(
     Returns:
         The number of images that finished (predicted, refused or failed).
     """
-    outcomes = _cascade_isolated(bundle, batch.images, settings.batch_size)
+    outcomes = _cascade_isolated(bundle, batch.images, settings.batch_size, batch.preprocessed)
+    heatmaps = store_heatmaps(bundle, batch.images, outcomes, settings) if settings.heatmaps else {}
     failures = list(batch.failures)
     records = []
     for (claim, image, decode_s), pred in zip(batch.images, outcomes, strict=True):
@@ -302,11 +353,20 @@ def infer_and_record(
                 threshold=pred.threshold,
                 fracture_model=pred.fracture_model,
                 timings={"decode_ms": round(1000 * decode_s, 3), **pred.timings},
+                heatmap_path=heatmaps.get(claim.image_id),
                 rows=image.meta.rows,
                 columns=image.meta.columns,
             )
         )
-    record_results(engine, records, failures)
+    recorded = record_results(engine, records, failures, worker_id=worker_id())
+    if recorded == len(records) + len(failures):
+        # Only when every outcome was recorded here: a file whose row another worker took over
+        # stays for that worker to record (and move).
+        finished = [(r.image_id, r.status) for r in records]
+        finished += [(f.image_id, f.status) for f in failures]
+        quarantine_finished(
+            [(batch.paths[i], status) for i, status in finished if i in batch.paths], settings
+        )
     for claim, reason in batch.transient:
         release_for_retry(
             engine,
@@ -317,16 +377,19 @@ def infer_and_record(
             worker_id=worker_id(),
             backoff_seconds=settings.retry_backoff_seconds,
         )
-    return len(records) + len(failures)
+    return recorded
 
 
 def _cascade_isolated(
-    bundle: Bundle, images: list[tuple[ClaimedImage, DecodedImage, float]], batch_size: int
+    bundle: Bundle,
+    images: list[tuple[ClaimedImage, DecodedImage, float]],
+    batch_size: int,
+    preprocessed: Preprocessed | None = None,
 ) -> list[Prediction | Exception]:
     """Run the cascade on the batch; if it raises, run image by image so only the culprit fails."""
     pixels = [image for _, image, _ in images]
     try:
-        return list(run_cascade(pixels, bundle, batch_size=batch_size))
+        return list(run_cascade(pixels, bundle, batch_size=batch_size, preprocessed=preprocessed))
     except Exception:
         log.exception("the cascade failed on a batch of %d; retrying one by one", len(pixels))
     outcomes: list[Prediction | Exception] = []
@@ -336,3 +399,77 @@ def _cascade_isolated(
         except Exception as exc:
             outcomes.append(exc)
     return outcomes
+
+
+# --------------------------------------------------------------------------- quarantine moves
+
+# Where a finished file goes when the user asks for moves. A duplicate's content is in the ledger
+# under its original, so it counts as done.
+_QUARANTINE_FOLDER = {
+    "done": "done",
+    "duplicate": "done",
+    "failed": "failed",
+    "unsupported": "failed",
+}
+
+
+def quarantine_finished(finished: Iterable[tuple[str, str]], settings: Settings) -> list[Path]:
+    """Move finished files out of the inbox into its ``done/`` or ``failed/`` folder.
+
+    Does nothing unless ``BONEWATCH_QUARANTINE`` is on and the inbox is known (``watch INBOX``
+    or ``BONEWATCH_INBOX``). Only files under the inbox move, each to the same relative path
+    under the folder for its status (``failed/XR_WRIST/patient1/study1/image1.dcm``); a name
+    already taken there gets a number (``image1.1.dcm``). The move is a rename, so the bytes and
+    the modification time stay as they were. The ledger row keeps the original path. A file that
+    cannot be moved is logged and left where it is.
+
+    Args:
+        finished: (path as recorded, final status) pairs; other statuses are skipped.
+        settings: Uses ``quarantine`` and ``inbox``.
+
+    Returns:
+        The new locations of the files that were moved.
+    """
+    if not settings.quarantine or settings.inbox is None:
+        return []
+    roots = {settings.inbox.absolute(), settings.inbox.resolve()}
+    moved = []
+    for recorded, status in finished:
+        folder = _QUARANTINE_FOLDER.get(status)
+        relative = _under(Path(recorded), roots)
+        if folder is None or relative is None:
+            continue
+        root, rest = relative
+        target = _free_name(root / folder / rest)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(recorded, target)
+        except OSError as exc:
+            log.warning("could not move %s to %s/: %s", recorded, folder, exc)
+            continue
+        log.info("moved %s (%s) to %s", recorded, status, target)
+        moved.append(target)
+    return moved
+
+
+def _under(path: Path, roots: set[Path]) -> tuple[Path, Path] | None:
+    """(root, path relative to it) for the first root holding ``path``; None outside them all,
+    and for files already in a root's ``done/`` or ``failed/``."""
+    for root in sorted(roots):
+        try:
+            rest = path.relative_to(root)
+        except ValueError:
+            continue
+        if len(rest.parts) > 1 and rest.parts[0] in ("done", "failed"):
+            return None
+        return root, rest
+    return None
+
+
+def _free_name(target: Path) -> Path:
+    """``target``, or the first ``stem.N.suffix`` beside it that is not taken."""
+    candidate, number = target, 1
+    while candidate.exists() or candidate.is_symlink():
+        candidate = target.with_name(f"{target.stem}.{number}{target.suffix}")
+        number += 1
+    return candidate

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -16,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -23,14 +25,17 @@ from db import (
     claim_batch,
     count_by_status,
     lease_holders,
+    ledger_health,
     make_engine,
     next_retry_at,
     reclaim_expired,
     release_leases,
+    retry_delay,
     upgrade,
 )
 from ingest import InboxWatcher, iter_candidate_files
-from models.bundle import Bundle, load_bundle
+from models.bundle import Bundle
+from models.cascade import input_specs
 from worker.pipeline import (
     DecodedBatch,
     RegisterSummary,
@@ -38,11 +43,14 @@ from worker.pipeline import (
     decode_claimed,
     infer_and_record,
     register_paths,
+    serving_bundle,
+    transient_errors,
     worker_id,
 )
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
+_jitter = random.Random()
 
 IDLE_SWEEP_SECONDS = 10.0
 
@@ -88,6 +96,8 @@ def _drain_pass(
     def stopping() -> bool:
         return halt.is_set() or (stop is not None and stop.is_set())
 
+    specs = input_specs(bundle)
+
     def produce() -> None:
         try:
             while not stopping():
@@ -100,7 +110,7 @@ def _drain_pass(
                 )
                 if not claimed:
                     break
-                ready.put(decode_claimed(claimed, settings, pool))
+                ready.put(decode_claimed(claimed, settings, pool, specs=specs))
             ready.put(None)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             ready.put(exc)
@@ -145,14 +155,41 @@ def drain(
     (the watcher, which must stay responsive) they are left to a later drain.
     """
     total = DrainSummary()
+    outages = 0
     while True:
-        done = _drain_pass(engine, bundle, settings, pool, on_finished=on_finished, stop=stop)
+        try:
+            done = _drain_pass(engine, bundle, settings, pool, on_finished=on_finished, stop=stop)
+        except transient_errors() as exc:
+            # The database went away (a PostgreSQL restart, SQLite locked past its timeout):
+            # wait with backoff and carry on, up to the configured number of tries.
+            outages += 1
+            if outages > settings.transient_retries:
+                raise
+            delay = retry_delay(
+                outages, base=settings.retry_backoff_seconds, cap=settings.retry_backoff_max,
+                rng=_jitter,
+            )  # fmt: skip
+            log.warning("ledger unavailable (%s); trying again in %.1f s", exc, delay)
+            (stop or threading.Event()).wait(delay)
+            _take_back_own_leases(engine)
+            continue
+        outages = 0
         total.finished += done.finished
         total.batches += done.batches
         when = next_retry_at(engine) if wait_for_retries else None
         if when is None or (stop is not None and stop.is_set()):
             return total
         (stop or threading.Event()).wait(max((when - datetime.now(UTC)).total_seconds(), 0.0))
+
+
+def _take_back_own_leases(engine: Engine) -> None:
+    """After an outage, queue again what this process had claimed but not recorded (nothing of
+    it is in flight any more); attempts are kept and not held against the images."""
+    try:
+        release_leases(engine, [worker_id()], max_attempts=None)
+    except transient_errors() as exc:
+        # still down: the next pass fails the same way and waits again
+        log.debug("could not release this process's leases yet: %s", exc)
 
 
 def process_paths(
@@ -162,14 +199,22 @@ def process_paths(
     on_registered: Callable[[int], None] | None = None,
     on_queued: Callable[[int], None] | None = None,
     on_finished: Callable[[int], None] | None = None,
+    enqueue: Callable[[list[int]], None] | None = None,
 ) -> tuple[RegisterSummary, DrainSummary]:
-    """Register every file under ``paths`` on the bulk queue, then process all queued work."""
-    engine = open_ledger(settings)
-    bundle = load_bundle(settings.bundle)
-    recover_leases(engine, settings)
+    """Register every file under ``paths`` on the bulk queue, then process all queued work.
+
+    With ``enqueue`` (distributed mode) each chunk's newly queued ids are handed to it instead,
+    and nothing is processed here: workers do that.
+    """
+    engine = enqueue_ledger(settings) if enqueue else open_ledger(settings)
+    bundle = None if enqueue else serving_bundle(settings)
+    if bundle is not None:
+        recover_leases(engine, settings)
     with ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="bonewatch-io") as pool:
 
         def chunk_done(queued_ids: list[int]) -> None:
+            if enqueue is not None:
+                enqueue(queued_ids)
             if on_queued is not None:
                 on_queued(len(queued_ids))
 
@@ -181,8 +226,48 @@ def process_paths(
         registered = register_paths(
             engine, files, settings, queue="bulk", pool=pool, on_chunk=chunk_done
         )
+        if bundle is None:
+            return registered, DrainSummary()
         drained = drain(engine, bundle, settings, pool, on_finished=on_finished)
     return registered, drained
+
+
+def enqueue_ledger(settings: Settings) -> Engine:
+    """The ledger for a process that only registers and enqueues (distributed mode)."""
+    from worker.distributed import open_shared_ledger
+
+    return open_shared_ledger(settings)
+
+
+def ledger_status(settings: Settings) -> dict[str, Any]:
+    """``bonewatch status``: counts by status, loss and double-count checks, queue depths.
+
+    ``lost`` counts rows that nothing will finish without help: expired leases and, in
+    distributed mode, queued rows whose message is gone (``bonewatch reconcile`` repairs both).
+    """
+    engine = enqueue_ledger(settings) if settings.distributed else open_ledger(settings)
+    try:
+        counts = count_by_status(engine)
+        health: dict[str, Any] = dict(ledger_health(engine))
+        queues = None
+        health["unpublished"] = None
+        if settings.distributed:
+            from worker.distributed import get_app, inspect_broker, lost_messages
+
+            view = inspect_broker(get_app(settings), fresh_seconds=settings.reconcile_grace_seconds)
+            queues = view.depths
+            health["unpublished"] = len(
+                lost_messages(engine, view, grace_seconds=settings.reconcile_grace_seconds)
+            )
+    finally:
+        engine.dispose()
+    return {
+        "counts": counts,
+        "total": sum(counts.values()),
+        "lost": health["expired_leases"] + (health["unpublished"] or 0),
+        "health": health,
+        "queues": queues,
+    }
 
 
 def _counting(items: Iterable[Path], tick: Callable[[int], None]) -> Iterable[Path]:
@@ -197,11 +282,19 @@ def watch_inbox(
     *,
     stop: threading.Event,
     on_event: Callable[[str], None] = log.info,
+    enqueue: Callable[[list[int]], None] | None = None,
 ) -> None:
-    """Follow ``inbox`` until ``stop`` is set: register complete files and process them."""
-    engine = open_ledger(settings)
-    bundle = load_bundle(settings.bundle)
-    recover_leases(engine, settings)
+    """Follow ``inbox`` until ``stop`` is set: register complete files and process them.
+
+    With ``enqueue`` (distributed mode) new rows are handed to it on the ``live`` queue instead
+    of being processed here.
+    """
+    # The inbox is where quarantine moves go (done/, failed/ under it), when they are on.
+    settings = settings.model_copy(update={"inbox": settings.inbox or inbox})
+    engine = enqueue_ledger(settings) if enqueue else open_ledger(settings)
+    bundle = None if enqueue else serving_bundle(settings)
+    if bundle is not None:
+        recover_leases(engine, settings)
     with (
         ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="bonewatch-io") as pool,
         InboxWatcher(
@@ -218,7 +311,9 @@ def watch_inbox(
         while not stop.is_set():
             files = watcher.ready(timeout=0.5)
             if files:
-                reg = register_paths(engine, files, settings, queue="live", pool=pool)
+                reg = register_paths(
+                    engine, files, settings, queue="live", pool=pool, on_chunk=enqueue
+                )
                 unreadable.update(reg.skipped_paths)
                 on_event(
                     f"registered {reg.new} new file(s): {reg.duplicates} duplicate(s), "
@@ -231,9 +326,12 @@ def watch_inbox(
             if unreadable:
                 retry = sorted(p for p in unreadable if p.exists())
                 unreadable.clear()
-                unreadable.update(
-                    register_paths(engine, retry, settings, queue="live", pool=pool).skipped_paths
+                again = register_paths(
+                    engine, retry, settings, queue="live", pool=pool, on_chunk=enqueue
                 )
+                unreadable.update(again.skipped_paths)
+            if bundle is None:
+                continue
             summary = drain(engine, bundle, settings, pool, stop=stop, wait_for_retries=False)
             if summary.finished:
                 counts = count_by_status(engine)

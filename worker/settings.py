@@ -6,6 +6,7 @@ import os
 import secrets
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,14 +36,56 @@ class Settings(BaseSettings):
     poll: bool = Field(False, description="poll the inbox instead of OS events (network shares)")
     poll_interval: float = Field(1.0, gt=0)
     follow_symlinks: bool = Field(False, description="follow symlinks that leave the inbox")
+    # Moving finished files out of the inbox (opt-in; originals are otherwise left in place).
+    quarantine: bool = Field(False, description="move finished inbox files to done/ or failed/")
+    inbox: Path | None = Field(None, description="the watched folder; `watch INBOX` sets it")
+    engine: Literal["auto", "keras", "onnx"] = Field(
+        "auto", description="inference engine; auto = onnx when the bundle has ONNX models"
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, le=256, description="inference threads inside one op; 0 = one per core"
+    )
+    inter_op_threads: int = Field(1, ge=1, le=64, description="inference ops run side by side")
+    heatmaps: bool = Field(False, description="store a Grad-CAM PNG for every positive image")
+    heatmap_dir: Path | None = Field(None, description="heatmap folder; default data_dir/heatmaps")
+    # Distributed mode (Celery). With a broker, watch/process only register and enqueue.
+    broker_url: str | None = Field(None, description="redis:// or amqp:// URL; unset = embedded")
+    reconcile_interval: float = Field(
+        60.0, ge=0, description="seconds between automatic reconcile runs in workers; 0 = off"
+    )
+    reconcile_grace_seconds: float = Field(
+        30.0, ge=0, description="a queued row this long without a message is re-published"
+    )
+    transient_retries: int = Field(
+        10, ge=0, description="task retries when the database or broker is unavailable"
+    )
+    retry_backoff_max: float = Field(60.0, gt=0, description="longest wait between retries")
 
     _salt: str | None = PrivateAttr(None)
 
     @property
+    def resolved_heatmap_dir(self) -> Path:
+        return self.heatmap_dir or self.data_dir / "heatmaps"
+
+    @property
     def resolved_database_url(self) -> str:
         if self.database_url:
+            # A bare postgresql:// URL would pick psycopg2, which is not installed.
+            for prefix in ("postgresql://", "postgres://"):
+                if self.database_url.startswith(prefix):
+                    return "postgresql+psycopg://" + self.database_url[len(prefix) :]
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'bonewatch.sqlite').resolve()}"
+
+    @property
+    def distributed(self) -> bool:
+        return bool(self.broker_url)
+
+    @property
+    def visibility_timeout(self) -> float:
+        """Seconds Redis waits before handing an unacknowledged task to another worker: longer
+        than the longest batch may take, which the lease bounds."""
+        return self.lease_seconds + 60.0
 
     def salt(self) -> str:
         """The PatientID salt: configured, or a random one created once in the data directory."""

@@ -61,3 +61,17 @@ def test_body_part_examined_disagreement_is_recorded(tiny_bundle):
 
 def test_empty_batch(tiny_bundle):
     assert run_cascade([], load_bundle(tiny_bundle)) == []
+
+
+def test_inputs_prepared_ahead_give_the_same_predictions(tiny_bundle):
+    from models.cascade import Preprocessed, input_specs, prepare_inputs
+
+    bundle = load_bundle(tiny_bundle)
+    images = [_image(v) for v in (1.0, 0.0, 0.9, 0.7)]
+    specs = input_specs(bundle)
+    ready = Preprocessed.from_rows([prepare_inputs(im.pixels, specs) for im in images], specs, 0.5)
+    assert ready.tensors[specs[0]].shape == (4, 16, 16, 1)
+    direct = run_cascade(images, bundle)
+    ahead = run_cascade(images, bundle, preprocessed=ready)
+    assert [(p.status, p.p_fracture) for p in ahead] == [(p.status, p.p_fracture) for p in direct]
+    assert ahead[0].timings["preprocess_ms"] == 1000 * 0.5 / 4

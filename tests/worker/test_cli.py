@@ -61,9 +61,12 @@ def test_synth_process_results_status(cli, tmp_path):
         assert RESULT_KEYS <= set(row)
         assert row["label"] in {"positive", "negative", None}
 
-    counts = json.loads(cli("status", "--format", "json").stdout)
+    status = json.loads(cli("status", "--format", "json").stdout)
+    counts = status["counts"]
     assert set(counts) >= {"queued", "processing", "done", "failed", "unsupported", "duplicate"}
-    assert sum(counts.values()) == n_files
+    assert sum(counts.values()) == status["total"] == n_files
+    assert status["lost"] == 0 and status["queues"] is None
+    assert status["health"]["double_predictions"] == 0
 
     table = list(csv.DictReader(io.StringIO(cli("results", "--format", "csv").stdout)))
     assert len(table) == n_files

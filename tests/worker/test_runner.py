@@ -11,16 +11,8 @@ import numpy as np
 
 from db import query_results
 from ingest import write_png
+from tests.worker.conftest import wait_for
 from worker.runner import open_ledger, watch_inbox
-
-
-def _wait_for(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_watch_takes_existing_and_new_files_once(tmp_path, settings):
@@ -39,13 +31,13 @@ def test_watch_takes_existing_and_new_files_once(tmp_path, settings):
         def statuses() -> dict[str, str]:
             return {Path(str(r["path"])).name: str(r["status"]) for r in query_results(engine)}
 
-        assert _wait_for(lambda: statuses().get("before.png") == "done")
+        assert wait_for(lambda: statuses().get("before.png") == "done")
         # a file written under a temporary name and renamed in is taken once, complete
         write_png(tmp_path / "staging.png", np.ones((40, 40), np.float32))
         shutil.move(tmp_path / "staging.png", inbox / "after.png.part")
         (inbox / "after.png.part").rename(inbox / "after.png")
         (inbox / ".hidden.png").write_bytes((inbox / "after.png").read_bytes())
-        assert _wait_for(lambda: statuses().get("after.png") == "done")
+        assert wait_for(lambda: statuses().get("after.png") == "done")
         time.sleep(3 * settings.settle_seconds)
         assert statuses() == {"before.png": "done", "after.png": "done"}
     finally:

@@ -1,0 +1,188 @@
+"""Inference engines: one model's forward pass on Keras (TensorFlow) or on ONNX Runtime.
+
+Both engines take a float32 batch (N, S, S, C) and return float64 outputs (N, K), so the cascade
+does not know which one runs. Only this module imports ``onnxruntime``, and only when an ONNX model
+is loaded; a worker serving ONNX never imports TensorFlow at all.
+
+Framework threads are set here, once per process, before the first model loads: the decode pool
+runs beside inference, and both frameworks otherwise start a thread per core (TensorFlow two
+pools of them), which then compete with decoding for the same cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("keras", "onnx")
+AUTO = "auto"
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class InferenceThreads:
+    """Threads the inference framework may use.
+
+    Attributes:
+        intra_op: Threads that share the work of one operation (a convolution); 0 means one per
+            available core.
+        inter_op: Operations that may run side by side; the cascade's graphs are chains, so 1
+            loses nothing and keeps a second pool from competing with the first.
+    """
+
+    intra_op: int = 0
+    inter_op: int = 1
+
+    def resolved_intra_op(self) -> int:
+        return self.intra_op if self.intra_op > 0 else available_cores()
+
+
+_tf_threads: InferenceThreads | None = None
+
+
+def configure_tensorflow_threads(threads: InferenceThreads) -> None:
+    """Set TensorFlow's thread pools; effective only before TensorFlow runs its first operation.
+
+    Later calls with other values are logged and ignored: TensorFlow cannot resize its pools once
+    they exist.
+    """
+    global _tf_threads
+    if _tf_threads == threads:
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads.resolved_intra_op())
+        tf.config.threading.set_inter_op_parallelism_threads(threads.inter_op)
+    except RuntimeError:
+        log.warning(
+            "TensorFlow is already running with %s; keeping them instead of %s",
+            _tf_threads or "its default threads",
+            threads,
+        )
+        return
+    _tf_threads = threads
+
+
+class Predictor:
+    """One model's forward pass for inference: a float32 batch in, float64 outputs out."""
+
+    engine: str = ""
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Model outputs for a batch ``x`` of shape (N, S, S, C)."""
+        raise NotImplementedError
+
+
+class KerasPredictor(Predictor):
+    """A Keras model traced once for every batch size.
+
+    ``predict_on_batch`` traces a new graph for each distinct batch shape; stage 2's per-part
+    groups come in all sizes, so the worker would keep retracing. One input signature with an
+    open batch dimension keeps a single graph per model.
+    """
+
+    engine = "keras"
+
+    def __init__(self, model: Any) -> None:
+        import tensorflow as tf
+
+        self.model = model
+        self._tf = tf
+        spec = tf.TensorSpec(model.input_shape, tf.float32)
+        # Traced here, once: a concrete function never goes back through tracing.
+        self._forward = tf.function(
+            lambda x: model(x, training=False), input_signature=[spec]
+        ).get_concrete_function()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(
+            self._forward(self._tf.convert_to_tensor(x, self._tf.float32)), np.float64
+        )
+
+
+class OnnxPredictor(Predictor):
+    """An ONNX model in an ONNX Runtime session on the CPU."""
+
+    engine = "onnx"
+
+    def __init__(self, path: Path, threads: InferenceThreads) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads.resolved_intra_op()
+        options.inter_op_num_threads = threads.inter_op
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle intra-op threads would otherwise spin for work between batches and between the
+        # two stages, taking the cores that the decode pool needs at exactly that moment.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if _register_shared_cpu_arena(ort):
+            # One arena for all of the bundle's sessions: each session's own arena keeps its
+            # peak activations (about 200 MB for DenseNet121 at batch 16), eight times over.
+            options.add_session_config_entry("session.use_env_allocators", "1")
+        self.session = ort.InferenceSession(
+            str(path), options, providers=_onnx_providers(ort.get_available_providers())
+        )
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise ValueError(f"{path.name} has {len(inputs)} inputs; a bundle model has one")
+        self._input = inputs[0].name
+        self._output = self.session.get_outputs()[0].name
+        self.input_shape = tuple(inputs[0].shape)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(x, dtype=np.float32)
+        (out,) = self.session.run([self._output], {self._input: batch})
+        return np.asarray(out, np.float64)
+
+
+_arena_lock = threading.Lock()
+_arena_registered: bool | None = None
+
+
+def _register_shared_cpu_arena(ort: Any) -> bool:
+    """Register one CPU arena allocator for every session of this process; True when it is."""
+    global _arena_registered
+    with _arena_lock:
+        if _arena_registered is None:
+            try:
+                info = ort.OrtMemoryInfo(
+                    "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+                )
+                ort.create_and_register_allocator(info, None)
+                _arena_registered = True
+            except Exception as exc:  # an onnxruntime build without it: per-session arenas
+                log.info("ONNX Runtime sessions keep their own memory arenas: %s", exc)
+                _arena_registered = False
+        return _arena_registered
+
+
+def _onnx_providers(available: list[str]) -> list[str]:
+    """CUDA first where this onnxruntime build has it, the CPU always as the fallback."""
+    preferred = [p for p in ("CUDAExecutionProvider",) if p in available]
+    return [*preferred, "CPUExecutionProvider"]
+
+
+def onnxruntime_available() -> bool:
+    """Whether ONNX Runtime can be imported in this environment."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True

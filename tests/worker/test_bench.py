@@ -1,0 +1,141 @@
+"""``bonewatch bench`` (worker/bench.py): it runs end to end and reports every figure."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from ingest import parse_mura_path
+from worker.bench import (
+    REPORT_KEYS,
+    BenchConfig,
+    distributed_unavailable,
+    run_bench,
+    run_child,
+    run_rss_track,
+    write_phantoms,
+)
+from worker.cli import app
+
+pytest.importorskip("onnxruntime")
+
+
+def test_bench_reports_every_figure(tmp_path):
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--images",
+            "8",
+            "--backbone",
+            "small_cnn",
+            "--input-size",
+            "64",
+            "--format",
+            "json",
+            # keep it quick and hermetic: few files to register, no Celery workers
+            "--register-files",
+            "100",
+            "--seed-style-images",
+            "4",
+            "--distributed-workers",
+            "0",
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(REPORT_KEYS) <= set(report)
+    assert report["engine"] in ("keras", "onnx")
+    for key in (
+        "bare_img_s",
+        "seed_style_img_s",
+        "embedded_img_s",
+        "embedded_vs_bare",
+        "embedded_vs_seed_style",
+        "peak_rss_mb",
+        "register_files_s",
+    ):
+        assert isinstance(report[key], float) and report[key] > 0, key
+    assert report["distributed_img_s"] is None
+    assert "skipped" in report["distributed_note"]
+    assert set(report["bare_img_s_by_engine"]) == {"keras", "onnx"}
+    assert report["bare_img_s"] == report["bare_img_s_by_engine"][report["engine"]]
+    assert report["embedded_vs_bare"] == pytest.approx(
+        report["embedded_img_s"] / report["bare_img_s"], rel=0.02
+    )
+    # Every image reached stage 2: one group per batch here (all from the same part's folder
+    # or not, the random stage 1 has to pick a part, never `other`).
+    assert report["stage2_groups_per_batch"] >= 1
+    # A worker process with a model loaded: more than an empty interpreter, far less than 8 GB.
+    assert 50 < report["peak_rss_mb"] < 8000
+    assert report["machine"]["cores"] >= 1
+
+
+def test_phantoms_are_distinct_files_in_mura_layout(tmp_path):
+    paths = write_phantoms(tmp_path, 14, px=64, distinct=3)
+    assert len(paths) == 14
+    assert len({hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}) == 14
+    parsed = [parse_mura_path(p) for p in paths]
+    assert all(info is not None and info["mura_part"] for info in parsed)
+
+
+def test_child_peak_memory_is_its_own(tmp_path):
+    command = [
+        sys.executable,
+        "-c",
+        "import time; block = bytearray(300 * 2**20); time.sleep(1.5)",
+    ]
+    run = run_child(command, {}, tmp_path / "child.log", tick_s=0.1)
+    assert run.returncode == 0
+    assert run.max_rss_mb is not None and 300 < run.max_rss_mb < 600
+
+
+def test_a_failing_child_is_reported(tmp_path):
+    run = run_child(
+        [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], {}, tmp_path / "c.log"
+    )
+    assert run.returncode == 3
+    assert "boom" in run.tail()
+
+
+def test_distributed_figure_says_why_it_is_missing():
+    assert "skipped" in (distributed_unavailable(BenchConfig(distributed_workers=0)) or "")
+    why = distributed_unavailable(BenchConfig(broker_url="redis://127.0.0.1:1/0"))
+    assert why is not None and ("not installed" in why or "not reachable" in why)
+
+
+def test_rss_track_needs_more_images_than_its_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="more than 1000"):
+        run_rss_track(BenchConfig(images=500), work_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_rss_track_samples_memory_against_images_done(tmp_path):
+    config = BenchConfig(images=1300, backbone="small_cnn", input_size=32, image_px=64)
+    report = run_rss_track(config, work_dir=tmp_path)
+    assert report["rss_mb_after_checkpoint"] > 0 and report["rss_mb_end"] > 0
+    assert report["samples"][-1][0] <= 1300
+    assert isinstance(report["rss_flat"], bool)
+
+
+@pytest.mark.slow
+def test_distributed_figure_through_celery(tmp_path, pg_url, redis_url):
+    pytest.importorskip("worker.distributed")
+    config = BenchConfig(
+        images=8,
+        backbone="small_cnn",
+        input_size=32,
+        seed_style_images=2,
+        register_files=50,
+        broker_url=redis_url,
+        distributed_database_url=pg_url,
+    )
+    report = run_bench(config, work_dir=tmp_path)
+    assert report["distributed_note"] is None
+    assert isinstance(report["distributed_img_s"], float) and report["distributed_img_s"] > 0
