@@ -104,6 +104,12 @@ BundleOpt = Annotated[
     Path | None, typer.Option("--bundle", "-b", help="Model bundle folder (BONEWATCH_BUNDLE).")
 ]
 
+LayoutOpt = Annotated[str, typer.Option(help="Dataset layout: auto, mura, folders or labels.")]
+LabelsOpt = Annotated[
+    Path | None, typer.Option(help="Labels CSV (labels layout); DATASET/labels.csv if unset.")
+]
+PartOpt = Annotated[str | None, typer.Option(help="Body part of images whose layout names none.")]
+
 
 @app.command()
 def process(
@@ -492,15 +498,9 @@ def train(
     bundle_out: Annotated[Path, typer.Option("--out", help="Bundle folder to write.")],
     name: Annotated[str, typer.Option(help="Bundle name.")] = "bundle",
     version: Annotated[str | None, typer.Option(help="Bundle version.")] = None,
-    layout: Annotated[
-        str, typer.Option(help="Dataset layout: auto, mura, folders or labels.")
-    ] = "auto",
-    labels: Annotated[
-        Path | None, typer.Option(help="Labels CSV (labels layout); DATASET/labels.csv if unset.")
-    ] = None,
-    part: Annotated[
-        str | None, typer.Option(help="Body part of images whose layout names none.")
-    ] = None,
+    layout: LayoutOpt = "auto",
+    labels: LabelsOpt = None,
+    part: PartOpt = None,
     backbone: Annotated[
         str,
         typer.Option(
@@ -632,8 +632,17 @@ def train(
 
 @app.command()
 def evaluate(
-    dataset: Annotated[Path, typer.Argument(help="MURA-layout dataset folder.")],
+    dataset: Annotated[
+        Path,
+        typer.Argument(
+            help="Labelled dataset: MURA layout, Fracture/ Normal/ folders, or images with a "
+            "labels.csv."
+        ),
+    ],
     bundle: BundleOpt = None,
+    layout: LayoutOpt = "auto",
+    labels: LabelsOpt = None,
+    part: PartOpt = None,
     folds: Annotated[
         int | None,
         typer.Option(
@@ -686,7 +695,7 @@ def evaluate(
     if localisation and not (dataset / "fractures.csv").is_file():
         _fail(f"--localisation needs {dataset / 'fractures.csv'} (written by bonewatch synth)")
     try:
-        samples = load_dataset(dataset)
+        samples = load_dataset(dataset, layout=layout, labels=labels, part=part)
     except DatasetError as exc:
         _fail(str(exc))
     settings = _settings(bundle=bundle)

@@ -349,21 +349,28 @@ def test_two_workers_on_one_queue_never_predict_an_image_twice(cluster):
 
 @pytest.mark.slow
 def test_kill_9_of_a_pool_child_mid_batch(cluster):
-    inbox = make_inbox(cluster.root, 160)
+    # big noisy images in batches of 8: a batch takes long enough to be caught in the middle
+    inbox = make_inbox(cluster.root, 96, size=1600)
+    cluster.env["BONEWATCH_BATCH_SIZE"] = "8"
     cluster.worker("w1", concurrency=2)
     cluster.run("process", str(inbox))
-    holders: list[tuple[Any, ...]] = []
+    held: list[tuple[Any, ...]] = []
 
     def batch_in_flight() -> bool:
-        holders[:] = cluster.query(
-            "SELECT leased_by FROM images WHERE status = 'processing' AND leased_by IS NOT NULL"
+        held[:] = cluster.query(
+            "SELECT id, leased_by FROM images WHERE status = 'processing' AND leased_by IS NOT NULL"
         )
-        return cluster.finished() >= 20 and bool(holders)
+        return cluster.finished() >= 8 and bool(held)
 
     cluster.wait_for(batch_in_flight, "a batch in flight")
-    os.kill(int(str(holders[0][0]).rpartition(":")[2]), signal.SIGKILL)
-    cluster.wait_all_final(160)
-    cluster.assert_exactly_once(160)
+    holder = held[0][1]
+    victims = [image_id for image_id, who in held if who == holder]
+    os.kill(int(str(holder).rpartition(":")[2]), signal.SIGKILL)
+    cluster.wait_all_final(96)
+    cluster.assert_exactly_once(96)
+    # the dead child's batch was handed back and claimed again, not finished by the dead child
+    attempts = dict(cluster.query("SELECT id, attempts FROM images WHERE id = ANY(%s)", victims))
+    assert set(attempts.values()) == {2}, attempts
     assert "SIGKILL" in cluster.log("w1.log")  # Celery saw its child die
 
 

@@ -139,3 +139,26 @@ def test_bundle_show_is_a_model_card_with_intervals(cli, tmp_path):
         "0.880 (0.700–0.970)",
     ):
         assert expected in text, expected
+
+
+def test_evaluate_reads_fracture_normal_folders_with_the_part_given(cli, tmp_path):
+    root = tmp_path / "seed-layout"
+    rng = np.random.default_rng(3)
+    for label, level in (("Fracture", 0.95), ("Normal", 0.6)):
+        for patient in range(3):
+            folder = root / label / f"patient{patient}"
+            folder.mkdir(parents=True)
+            write_png(
+                folder / "a.png", np.full((24, 24), level, np.float32) + rng.random((24, 24)) * 0.01
+            )
+    result = cli(
+        "evaluate", str(root), "--layout", "folders", "--part", "ELBOW", "--format", "json"
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["n_images"] == 6
+    # the tiny bundle scores bright images higher: fractures are perfectly separated
+    assert report["per_part"]["ELBOW"]["auroc_image"] == 1.0
+
+    missing = cli("evaluate", str(root), "--layout", "folders", "--format", "json")
+    assert missing.exit_code == 2 and "part" in missing.output.lower()
