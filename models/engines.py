@@ -117,7 +117,7 @@ class KerasPredictor(Predictor):
 
 
 class OnnxPredictor(Predictor):
-    """An ONNX model in an ONNX Runtime session on the CPU."""
+    """An ONNX model in an ONNX Runtime session: on CUDA where the build has it, else the CPU."""
 
     engine = "onnx"
 

@@ -772,7 +772,9 @@ def run_rss_track(
             raise BenchError(f"bonewatch process exited {run.returncode}:\n{run.tail()}")
     finally:
         work.close()
-    after = [rss for finished, rss in samples if finished >= RSS_CHECKPOINT]
+    # The end is the last sample while images were still being processed: once the last one is
+    # recorded the worker tears down and its memory falls, which says nothing about growth.
+    after = [rss for finished, rss in samples if RSS_CHECKPOINT <= finished < config.images]
     if not after:
         raise BenchError("no memory sample was taken after the checkpoint; the run was too short")
     at_checkpoint, end, highest = after[0], after[-1], max(after)

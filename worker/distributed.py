@@ -35,7 +35,13 @@ from db import (
     waiting_images,
 )
 from worker.celery_app import QUEUE_ORDER, TASK_PROCESS, create_app
-from worker.pipeline import dead_local_workers, decode_claimed, infer_and_record, worker_id
+from worker.pipeline import (
+    dead_local_workers,
+    decode_claimed,
+    infer_and_record,
+    serving_bundle,
+    worker_id,
+)
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -303,6 +309,7 @@ class _Child:
     engine: Engine
     pool: ThreadPoolExecutor
     bundle: Any = None
+    specs: list[Any] = field(default_factory=list)
 
 
 _child: _Child | None = None
@@ -312,12 +319,14 @@ def start_child(settings: Settings) -> None:
     """Set up a pool child: its own engine (never one inherited over fork), decode threads and
     the bundle, loaded once here so that the first task does not pay for it."""
     global _child
-    from models.bundle import load_bundle
+    from models.cascade import input_specs
 
     engine = make_engine(settings.resolved_database_url)
     pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="bonewatch-io")
     _child = _Child(settings, engine, pool)
-    _child.bundle = load_bundle(settings.bundle)
+    # the configured engine and framework threads, exactly as embedded mode serves
+    _child.bundle = serving_bundle(settings)
+    _child.specs = list(input_specs(_child.bundle))
     log.info("worker child %s ready with bundle %s", worker_id(), settings.bundle)
 
 
@@ -352,7 +361,8 @@ def run_task(image_ids: Sequence[int], *, queue: str, taking_over_from: Sequence
     )
     if not claimed:
         return 0
-    batch = decode_claimed(claimed, settings, _child.pool)
+    # preprocessing runs in the decode threads, overlapped with inference, as in embedded mode
+    batch = decode_claimed(claimed, settings, _child.pool, specs=_child.specs)
     finished = infer_and_record(engine, _child.bundle, batch, settings)
     if batch.transient:
         # Files that could not be read for a passing reason wait out their backoff in the ledger;

@@ -1,9 +1,10 @@
 import json
 
+import numpy as np
 import pytest
 
 from ingest import MURA_PARTS
-from models.bundle import BundleError, load_bundle, read_manifest
+from models.bundle import BundleError, forget_bundle, load_bundle, read_manifest, write_manifest
 from tests.models.conftest import build_tiny_bundle
 
 
@@ -46,3 +47,30 @@ def test_shipped_demo_bundle_says_it_is_not_for_clinical_use():
     assert "phantom" in manifest.intended_use.lower()
     size = sum(p.stat().st_size for p in DEMO_BUNDLE.iterdir())
     assert size < 8 * 1024 * 1024
+
+
+def test_manifest_lists_its_models_by_role(tiny_bundle):
+    manifest = read_manifest(tiny_bundle)
+    roles = list(manifest.models())
+    assert roles[0] == "body_part"
+    assert roles[1:] == [f"fracture_{part.lower()}" for part in MURA_PARTS]
+    assert not manifest.has_onnx()
+
+
+def test_manifest_is_replaced_whole(tmp_path):
+    root = build_tiny_bundle(tmp_path / "b")
+    data = json.loads((root / "manifest.json").read_text())
+    data["version"] = "2"
+    write_manifest(root, data)
+    assert read_manifest(root).version == "2"
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
+
+
+def test_threads_after_tensorflow_started_keep_the_running_pools(tiny_bundle):
+    from models.engines import InferenceThreads
+
+    load_bundle(tiny_bundle)  # TensorFlow is running from here on
+    forget_bundle(tiny_bundle)
+    bundle = load_bundle(tiny_bundle, engine="keras", threads=InferenceThreads(1, 1))
+    assert bundle.engine == "keras"
+    assert bundle.body_part_model(np.zeros((1, 16, 16, 1), np.float32)).shape == (1, 8)
