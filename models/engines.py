@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,14 +80,14 @@ def configure_tensorflow_threads(threads: InferenceThreads) -> None:
     _tf_threads = threads
 
 
-class Predictor:
+class Predictor(ABC):
     """One model's forward pass for inference: a float32 batch in, float64 outputs out."""
 
     engine: str = ""
 
+    @abstractmethod
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Model outputs for a batch ``x`` of shape (N, S, S, C)."""
-        raise NotImplementedError
 
 
 class KerasPredictor(Predictor):

@@ -28,17 +28,15 @@ from db import (
     claim_images,
     current_revision,
     exclusive,
-    lease_holders,
     make_engine,
     reclaim_expired,
-    release_leases,
     waiting_images,
 )
 from worker.celery_app import QUEUE_ORDER, TASK_PROCESS, create_app
 from worker.pipeline import (
-    dead_local_workers,
     decode_claimed,
     infer_and_record,
+    release_dead_local_leases,
     serving_bundle,
     worker_id,
 )
@@ -256,9 +254,7 @@ def reconcile(engine: Engine, settings: Settings, app: Celery | None = None) -> 
     """
     app = app or get_app(settings)
     summary = ReconcileSummary()
-    summary.released = release_leases(
-        engine, dead_local_workers(lease_holders(engine)), max_attempts=settings.max_attempts
-    )
+    summary.released = release_dead_local_leases(engine, settings)
     summary.reclaimed = reclaim_expired(engine, max_attempts=settings.max_attempts)
     view = inspect_broker(app, fresh_seconds=settings.reconcile_grace_seconds)
     lost = lost_messages(engine, view, grace_seconds=settings.reconcile_grace_seconds)
@@ -348,9 +344,7 @@ def run_task(image_ids: Sequence[int], *, queue: str, taking_over_from: Sequence
     me = worker_id()
     # A pool child killed mid-batch leaves its rows leased; its message comes back at once
     # (reject on worker lost), so free that child's rows now rather than when the lease ends.
-    release_leases(
-        engine, dead_local_workers(lease_holders(engine)), max_attempts=settings.max_attempts
-    )
+    release_dead_local_leases(engine, settings)
     claimed = claim_images(
         engine,
         image_ids,
@@ -403,9 +397,7 @@ def run_worker(
     read_manifest(settings.bundle)  # a bad bundle fails here, clearly, not in every child
     engine = open_shared_ledger(settings)
     try:
-        released = release_leases(
-            engine, dead_local_workers(lease_holders(engine)), max_attempts=settings.max_attempts
-        )
+        released = release_dead_local_leases(engine, settings)
         if released:
             log.warning("released %d images left leased by dead workers on this host", released)
     finally:

@@ -25,9 +25,11 @@ from db import (
     FailureRecord,
     NewImage,
     PredictionRecord,
+    lease_holders,
     record_results,
     register_images,
     release_for_retry,
+    release_leases,
 )
 from ingest import (
     CorruptFileError,
@@ -98,6 +100,14 @@ def dead_local_workers(holders: Iterable[str]) -> list[str]:
         except PermissionError:
             continue  # the process exists; it belongs to another user
     return dead
+
+
+def release_dead_local_leases(engine: Engine, settings: Settings) -> int:
+    """Queue again the rows leased by processes of this host that no longer exist, at once
+    rather than when their leases expire; returns how many."""
+    return release_leases(
+        engine, dead_local_workers(lease_holders(engine)), max_attempts=settings.max_attempts
+    )
 
 
 def study_key(meta: ImageMeta) -> str:

@@ -24,7 +24,6 @@ from sqlalchemy import Engine
 from db import (
     claim_batch,
     count_by_status,
-    lease_holders,
     ledger_health,
     make_engine,
     next_retry_at,
@@ -39,10 +38,10 @@ from models.cascade import input_specs
 from worker.pipeline import (
     DecodedBatch,
     RegisterSummary,
-    dead_local_workers,
     decode_claimed,
     infer_and_record,
     register_paths,
+    release_dead_local_leases,
     serving_bundle,
     transient_errors,
     worker_id,
@@ -67,9 +66,7 @@ def open_ledger(settings: Settings) -> Engine:
 def recover_leases(engine: Engine, settings: Settings) -> int:
     """Queue again what crashed workers left ``processing``: leases that expired, and at once
     those held by a process of this host that no longer exists (a killed ``process`` run)."""
-    released = release_leases(
-        engine, dead_local_workers(lease_holders(engine)), max_attempts=settings.max_attempts
-    )
+    released = release_dead_local_leases(engine, settings)
     return released + reclaim_expired(engine, max_attempts=settings.max_attempts)
 
 
