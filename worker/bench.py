@@ -6,7 +6,8 @@ One run builds a random two-stage bundle (``models.benchmark``), writes phantom 
 - ``bare``: both stages' batched forward passes on preprocessed tensors, for every engine the
   bundle has (the limit);
 - ``seed_style``: read each file, then ``model.predict`` on a batch of one per stage;
-- ``embedded``: files in a folder to rows in SQLite through a ``bonewatch process`` subprocess;
+- ``embedded``: files in a folder to rows in SQLite through a ``bonewatch process`` subprocess,
+  for every engine the bundle has (``--one-engine``: the chosen one only);
 - ``distributed``: the same through Redis, PostgreSQL and ``bonewatch worker`` subprocesses,
   when distributed mode is installed and both servers answer (null otherwise, with the reason);
 - ``register_files_s``: how fast ``process`` registers files, on many small files.
@@ -14,6 +15,10 @@ One run builds a random two-stage bundle (``models.benchmark``), writes phantom 
 Throughput through the ledger is counted from the first image's registration to the last one's
 result (``created_at`` and ``finished_at`` in the ledger), so the interpreter's start-up and the
 bundle load are left out; they are reported apart as ``embedded_wall_s``.
+
+Bare, seed-style and embedded figures are medians of ``--repeats`` runs. Within each repetition
+every engine's embedded run is followed by its bare pass, and the engines take turns, so that a
+machine whose speed drifts (shared hosts do) slows every figure alike.
 
 ``--rss-track`` is a separate mode: one long ``process`` run whose resident memory is sampled
 against the number of images finished, to show that it stays flat.
@@ -30,13 +35,14 @@ import platform
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -47,7 +53,7 @@ from sqlalchemy import Engine
 from db import FINAL_STATUSES, count_by_status, make_engine, query_results
 from ingest import iter_candidate_files, read_image, write_png
 from models.benchmark import SeedStyleServer, build_random_bundle, forward_two_stage
-from models.bundle import load_bundle, read_manifest, resolve_engine
+from models.bundle import Bundle, BundleError, load_bundle, read_manifest, resolve_engine
 from models.engines import (
     ENGINES,
     InferenceThreads,
@@ -108,9 +114,12 @@ class BenchConfig:
     seed_style_images: int = 32
     register_files: int = 2000
     distributed_workers: int = 1  # 0 skips the distributed figure
+    scale_workers: tuple[int, ...] = ()  # worker-process counts whose distributed figures scale
     broker_url: str = DEFAULT_BROKER_URL
     distributed_database_url: str = DEFAULT_DISTRIBUTED_DB
     seed: int = 0
+    repeats: int = 3  # bare, seed-style and embedded runs per engine; medians are reported
+    compare_engines: bool = True  # embedded runs on every engine the bundle has, not just one
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> BenchConfig:
@@ -371,15 +380,15 @@ class LedgerRun:
 
 
 def measure_embedded(
-    work: Path, images: Path, count: int, bundle: Path, config: BenchConfig
+    work: Path, images: Path, count: int, bundle: Path, config: BenchConfig, *, tag: str = ""
 ) -> LedgerRun:
     """``bonewatch process`` on the folder, in a subprocess, into a fresh SQLite ledger."""
-    data_dir = work / "embedded-data"
+    data_dir = work / f"embedded-data{tag}"
     shutil.rmtree(data_dir, ignore_errors=True)
     run = run_child(
         bonewatch_command("process", str(images)),
         child_env(config, bundle, data_dir=str(data_dir)),
-        work / "embedded.log",
+        work / f"embedded{tag}.log",
     )
     if run.returncode != 0:
         raise BenchError(f"bonewatch process exited {run.returncode}:\n{run.tail()}")
@@ -406,16 +415,46 @@ def distributed_unavailable(config: BenchConfig) -> str | None:
     except Exception as exc:
         return f"Redis at {config.broker_url} is not reachable: {exc}"
     try:
-        engine = make_engine(config.distributed_database_url)
+        ensure_database(config.distributed_database_url)
+    except Exception as exc:
+        return f"PostgreSQL at {config.distributed_database_url} is not reachable ({exc})"
+    return None
+
+
+def ensure_database(url: str) -> None:
+    """Connect to the bench's PostgreSQL database, creating it first if the server lacks it.
+
+    Raises:
+        sqlalchemy.exc.OperationalError: the server does not answer, or refuses the creation.
+    """
+    from sqlalchemy import create_engine, make_url, text
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        _connect_once(url)
+        return
+    except OperationalError as exc:
+        database = make_url(url).database
+        if not database or "does not exist" not in str(exc):
+            raise
+    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            quoted = conn.dialect.identifier_preparer.quote(database)
+            conn.execute(text(f"CREATE DATABASE {quoted}"))
+        log.info("created the bench database %s", database)
+    finally:
+        admin.dispose()
+    _connect_once(url)
+
+
+def _connect_once(url: str) -> None:
+    engine = make_engine(url)
+    try:
         with engine.connect():
             pass
+    finally:
         engine.dispose()
-    except Exception as exc:
-        return (
-            f"PostgreSQL at {config.distributed_database_url} is not reachable ({exc}); "
-            "create the database with `createdb -h 127.0.0.1 -U postgres bonewatch_bench`"
-        )
-    return None
 
 
 def _final(counts: dict[str, int]) -> int:
@@ -528,29 +567,83 @@ def measure_distributed(
     return LedgerRun(count / _span_s(rows), wall, None)
 
 
-def measure_bare(
-    bundle_dir: Path, engine: str, x: np.ndarray, config: BenchConfig
-) -> tuple[float, float]:
-    """Images per second of both stages' forward passes on ``x``, and stage-2 groups per batch."""
-    bundle = load_bundle(bundle_dir, engine=engine, threads=config.threads)
-    forward_two_stage(bundle, x[: config.batch_size], config.batch_size)  # warm-up
+def bare_pass(bundle: Bundle, x: np.ndarray, batch_size: int) -> tuple[float, float]:
+    """One timed pass over ``x``: images per second, and stage-2 groups per batch."""
     groups = 0
     start = time.perf_counter()
-    for i in range(0, len(x), config.batch_size):
-        groups += forward_two_stage(bundle, x[i : i + config.batch_size], config.batch_size)
+    for i in range(0, len(x), batch_size):
+        groups += forward_two_stage(bundle, x[i : i + batch_size], batch_size)
     elapsed = time.perf_counter() - start
-    batches = -(-len(x) // config.batch_size)
-    return len(x) / elapsed, groups / batches
+    return len(x) / elapsed, groups / -(-len(x) // batch_size)
 
 
-def measure_seed_style(bundle_dir: Path, files: list[Path]) -> float:
-    """Images per second reading each file and calling ``model.predict`` once per stage."""
+def measure_scaling(
+    work: Path, bundle: Path, config: BenchConfig, report: Report
+) -> dict[int, list[float]]:
+    """The distributed figure for each of ``config.scale_workers``, counts taking turns.
+
+    Returns:
+        Images per second of every run by worker-process count (empty without counts).
+    """
+    runs: dict[int, list[float]] = {n: [] for n in config.scale_workers}
+    for rep in range(config.repeats if runs else 0):
+        for n in runs:
+            report(f"scaling {rep + 1}/{config.repeats}: {n} worker process(es)")
+            run = measure_distributed(
+                work, config.images, bundle, replace(config, distributed_workers=n), report
+            )
+            runs[n].append(run.img_s)
+    return runs
+
+
+def _scaling_report(
+    scaling: dict[int, list[float]], bare_img_s: float | None
+) -> list[dict[str, Any]]:
+    if not scaling:
+        return []
+    first = _median(next(iter(scaling.values())))
+    rows = []
+    for n, runs in scaling.items():
+        img_s = _median(runs)
+        rows.append(
+            {
+                "workers": n,
+                "img_s": _round(img_s),
+                "runs_img_s": [_round(r) for r in runs],
+                "vs_bare": _ratio(img_s, bare_img_s),
+                "vs_first": _ratio(img_s, first),
+            }
+        )
+    return rows
+
+
+def bare_bundles(
+    bundle_dir: Path, engines: Sequence[str], config: BenchConfig
+) -> dict[str, Bundle]:
+    """The bundle loaded here on each engine and warmed up, as the worker warms it up."""
+    bundles = {
+        name: load_bundle(bundle_dir, engine=name, threads=config.threads) for name in engines
+    }
+    for bundle in bundles.values():
+        bundle.warm_up()
+    return bundles
+
+
+def measure_seed_style(bundle_dir: Path, files: list[Path], repeats: int = 1) -> list[float]:
+    """Images per second reading each file and calling ``model.predict`` once per stage.
+
+    Returns:
+        One figure per pass over ``files``.
+    """
     server = SeedStyleServer(bundle_dir)
     server.predict(read_image(files[0], salt=BENCH_SALT).pixels)  # builds predict's function
-    start = time.perf_counter()
-    for path in files:
-        server.predict(read_image(path, salt=BENCH_SALT).pixels)
-    return len(files) / (time.perf_counter() - start)
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for path in files:
+            server.predict(read_image(path, salt=BENCH_SALT).pixels)
+        runs.append(len(files) / (time.perf_counter() - start))
+    return runs
 
 
 def machine_description() -> dict[str, Any]:
@@ -626,12 +719,35 @@ def _bundle(work: Path, config: BenchConfig, report: Report) -> Path:
     )
 
 
+def _servable_engines(bundle_dir: Path) -> list[str]:
+    """The engines this environment can serve the bundle with."""
+    manifest = read_manifest(bundle_dir)
+    names = []
+    for name in ENGINES:
+        try:
+            resolve_engine(manifest, name)
+        except BundleError:
+            continue
+        names.append(name)
+    return names
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
 def run_bench(
     config: BenchConfig, *, work_dir: Path | None = None, report: Report = log.info
 ) -> dict[str, Any]:
-    """Measure every figure in one run; returns the report (see :data:`REPORT_KEYS`)."""
+    """Measure every figure in one run; returns the report (see :data:`REPORT_KEYS`).
+
+    Bare, seed-style and embedded figures are medians of ``config.repeats`` runs; where several
+    engines are measured they take turns, so a slow spell of the machine falls on all of them.
+    """
     if config.images < 1:
         raise ValueError("images must be at least 1")
+    if config.repeats < 1:
+        raise ValueError("repeats must be at least 1")
     # Before anything runs TensorFlow here: bare passes get the worker's thread pools.
     configure_tensorflow_threads(config.threads)
     work = _Work.open(work_dir)
@@ -639,6 +755,7 @@ def run_bench(
         load_before = os.getloadavg()[0]
         bundle_dir = _bundle(work.root, config, report)
         engine = resolve_engine(read_manifest(bundle_dir), config.engine)
+        engines = _servable_engines(bundle_dir)
         images = work.root / "images"
         report(f"phantoms: {config.images} PNGs of {config.image_px} px")
         files = _phantom_set(images, config, distinct=None)
@@ -648,40 +765,68 @@ def run_bench(
         shutil.rmtree(work.root / "register-ledger", ignore_errors=True)
         register_s = measure_registration(work.root, config.register_files, config)
 
-        report(f"embedded: bonewatch process on {config.images} images ({engine})")
-        embedded = measure_embedded(work.root, images, config.images, bundle_dir, config)
-
-        distributed: LedgerRun | None = None
-        why_not = distributed_unavailable(config)
-        if why_not is None:
-            distributed = measure_distributed(work.root, config.images, bundle_dir, config, report)
-        else:
-            report(f"distributed: not measured: {why_not}")
-
         spec = read_manifest(bundle_dir).body_part.spec
         bare_files = files[:BARE_MAX_IMAGES]
         x = preprocess_batch([read_image(p, salt=BENCH_SALT).pixels for p in bare_files], spec)
-        bare: dict[str, float] = {}
+        loaded = bare_bundles(bundle_dir, engines, config)
+        embedded_engines = engines if config.compare_engines else [engine]
+        embedded: dict[str, list[LedgerRun]] = {name: [] for name in embedded_engines}
+        bare: dict[str, list[float]] = {name: [] for name in engines}
         groups = 0.0
-        for name in ENGINES:
-            try:
-                resolve_engine(read_manifest(bundle_dir), name)
-            except Exception as exc:
-                report(f"bare: {name} skipped: {exc}")
-                continue
-            report(f"bare: {len(x)} preprocessed images, {name}")
-            bare[name], groups = measure_bare(bundle_dir, name, x, config)
-        del x
+        # Each engine's embedded run and its bare pass follow each other, and the engines take
+        # turns: the machine's speed drifts (other tenants, clocks), and every figure should
+        # meet the same drift.
+        for rep in range(config.repeats):
+            step = f"{rep + 1}/{config.repeats}"
+            for name in engines:
+                if name in embedded:
+                    report(f"embedded {step}: bonewatch process on {config.images} images ({name})")
+                    embedded[name].append(
+                        measure_embedded(
+                            work.root,
+                            images,
+                            config.images,
+                            bundle_dir,
+                            replace(config, engine=name),
+                            tag=f"-{name}-{rep + 1}",
+                        )
+                    )
+                report(f"bare {step}: {len(x)} preprocessed images ({name})")
+                img_s, groups = bare_pass(loaded[name], x, config.batch_size)
+                bare[name].append(img_s)
+        del x, loaded
+
+        distributed_img_s: float | None = None
+        scaling: dict[int, list[float]] = {}
+        why_not = distributed_unavailable(config)
+        if why_not is None:
+            scaling = measure_scaling(work.root, bundle_dir, config, report)
+            if config.distributed_workers in scaling:
+                distributed_img_s = _median(scaling[config.distributed_workers])
+            else:
+                distributed_img_s = measure_distributed(
+                    work.root, config.images, bundle_dir, config, report
+                ).img_s
+        else:
+            report(f"distributed: not measured: {why_not}")
 
         seed_files = files[: max(1, min(config.seed_style_images, len(files)))]
-        report(f"seed-style: model.predict per image per stage, {len(seed_files)} images")
-        seed_style = measure_seed_style(bundle_dir, seed_files)
+        report(
+            f"seed-style: model.predict per image per stage, {len(seed_files)} images, "
+            f"{config.repeats} time(s)"
+        )
+        seed_runs = measure_seed_style(bundle_dir, seed_files, config.repeats)
         load_after = os.getloadavg()[0]
     finally:
         work.close()
 
-    bare_img_s = bare.get(engine)
-    distributed_img_s = distributed.img_s if distributed is not None else None
+    bare_by_engine = {name: _median(runs) for name, runs in bare.items()}
+    embedded_by_engine = {name: _median([r.img_s for r in runs]) for name, runs in embedded.items()}
+    bare_img_s = bare_by_engine.get(engine)
+    embedded_img_s = embedded_by_engine[engine]
+    seed_style = _median(seed_runs)
+    chosen_runs = embedded[engine]
+    peaks = [r.peak_rss_mb for r in chosen_runs if r.peak_rss_mb is not None]
     return {
         "engine": engine,
         "backbone": config.backbone,
@@ -694,21 +839,35 @@ def run_bench(
             "intra_op": config.threads.resolved_intra_op(),
             "inter_op": config.inter_op_threads,
         },
+        "repeats": config.repeats,
         "bare_img_s": _round(bare_img_s),
-        "bare_img_s_by_engine": {k: _round(v) for k, v in bare.items()},
+        "bare_img_s_by_engine": {k: _round(v) for k, v in bare_by_engine.items()},
+        "bare_runs_img_s": {k: [_round(v) for v in runs] for k, runs in bare.items()},
         "bare_images": min(config.images, BARE_MAX_IMAGES),
         "stage2_groups_per_batch": round(groups, 2),
         "seed_style_img_s": _round(seed_style),
+        "seed_style_runs_img_s": [_round(v) for v in seed_runs],
         "seed_style_images": len(seed_files),
-        "embedded_img_s": _round(embedded.img_s),
-        "embedded_wall_s": _round(embedded.wall_s),
+        "embedded_img_s": _round(embedded_img_s),
+        "embedded_img_s_by_engine": {k: _round(v) for k, v in embedded_by_engine.items()},
+        "embedded_runs_img_s": {k: [_round(r.img_s) for r in runs] for k, runs in embedded.items()},
+        "embedded_wall_s": _round(_median([r.wall_s for r in chosen_runs])),
         "distributed_img_s": _round(distributed_img_s),
-        "distributed_workers": config.distributed_workers if distributed is not None else None,
+        "distributed_workers": config.distributed_workers if distributed_img_s else None,
         "distributed_note": why_not,
-        "embedded_vs_bare": _ratio(embedded.img_s, bare_img_s),
-        "embedded_vs_seed_style": _ratio(embedded.img_s, seed_style),
+        "embedded_vs_bare": _ratio(embedded_img_s, bare_img_s),
+        "embedded_vs_seed_style": _ratio(embedded_img_s, seed_style),
         "distributed_vs_bare": _ratio(distributed_img_s, bare_img_s),
-        "peak_rss_mb": _round(embedded.peak_rss_mb),
+        "distributed_scaling": _scaling_report(scaling, bare_img_s),
+        "onnx_vs_keras_bare": _ratio(bare_by_engine.get("onnx"), bare_by_engine.get("keras")),
+        "onnx_vs_keras_embedded": _ratio(
+            embedded_by_engine.get("onnx"), embedded_by_engine.get("keras")
+        ),
+        "peak_rss_mb": _round(max(peaks)) if peaks else None,
+        "peak_rss_mb_by_engine": {
+            k: _round(max((r.peak_rss_mb for r in runs if r.peak_rss_mb is not None), default=None))
+            for k, runs in embedded.items()
+        },
         "register_files_s": _round(register_s),
         "register_files": config.register_files,
         "machine": machine_description(),

@@ -916,6 +916,24 @@ def bench(
     distributed_database_url: Annotated[
         str, typer.Option(help="PostgreSQL database for the distributed figure.")
     ] = "postgresql+psycopg://postgres@127.0.0.1:5432/bonewatch_bench",
+    scale_workers: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated worker-process counts (1,2): the distributed figure for each, "
+            "counts taking turns, --repeats times."
+        ),
+    ] = None,
+    repeats: Annotated[
+        int,
+        typer.Option(min=1, help="Runs of each figure (engines in turn); medians are reported."),
+    ] = 3,
+    compare_engines: Annotated[
+        bool,
+        typer.Option(
+            "--compare-engines/--one-engine",
+            help="Run the embedded figure on every engine the bundle has, or on --engine only.",
+        ),
+    ] = True,
     rss_track: Annotated[
         bool,
         typer.Option(
@@ -946,6 +964,9 @@ def bench(
         distributed_workers=distributed_workers,
         broker_url=broker_url,
         distributed_database_url=distributed_database_url,
+        repeats=repeats,
+        compare_engines=compare_engines,
+        scale_workers=_worker_counts(scale_workers) if scale_workers else None,
     )
     try:
         if rss_track:
@@ -960,8 +981,22 @@ def bench(
     table = Table("figure", "value")
     for key, value in report.items():
         if key != "samples":
-            table.add_row(key, json.dumps(value) if isinstance(value, dict) else _cell(value))
+            table.add_row(
+                key, json.dumps(value) if isinstance(value, dict | list) else _cell(value)
+            )
     out.print(table)
+
+
+def _worker_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise typer.BadParameter(
+            f"{text!r} is not a list of worker counts such as 1,2", param_hint="--scale-workers"
+        )
+    return tuple(dict.fromkeys(counts))
 
 
 def run() -> None:

@@ -58,7 +58,12 @@ log = logging.getLogger(__name__)
 def serving_bundle(settings: Settings) -> Bundle:
     """The configured bundle on the configured engine, its framework threads set from settings."""
     threads = InferenceThreads(settings.intra_op_threads, settings.inter_op_threads)
-    return load_bundle(settings.bundle, engine=settings.engine, threads=threads)
+    bundle = load_bundle(settings.bundle, engine=settings.engine, threads=threads)
+    if settings.warm_up:
+        seconds = bundle.warm_up()
+        if seconds:
+            log.info("warmed up %d models in %.1f s", len(bundle.predictors()), seconds)
+    return bundle
 
 
 @cache

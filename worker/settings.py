@@ -46,6 +46,9 @@ class Settings(BaseSettings):
         0, ge=0, le=256, description="inference threads inside one op; 0 = one per core"
     )
     inter_op_threads: int = Field(1, ge=1, le=64, description="inference ops run side by side")
+    warm_up: bool = Field(
+        True, description="run every model once at start-up, before the first batch"
+    )
     heatmaps: bool = Field(False, description="store a Grad-CAM PNG for every positive image")
     heatmap_dir: Path | None = Field(None, description="heatmap folder; default data_dir/heatmaps")
     # Distributed mode (Celery). With a broker, watch/process only register and enqueue.

@@ -74,3 +74,37 @@ def test_threads_after_tensorflow_started_keep_the_running_pools(tiny_bundle):
     bundle = load_bundle(tiny_bundle, engine="keras", threads=InferenceThreads(1, 1))
     assert bundle.engine == "keras"
     assert bundle.body_part_model(np.zeros((1, 16, 16, 1), np.float32)).shape == (1, 8)
+
+
+def test_warm_up_runs_every_model_once_per_batch_size(tiny_bundle):
+    from models.bundle import Bundle
+    from models.engines import Predictor
+
+    loaded = load_bundle(tiny_bundle, engine="keras")
+    calls: list[tuple[str, tuple[int, ...]]] = []
+
+    class Counting(Predictor):
+        def __init__(self, inner: Predictor, role: str) -> None:
+            self.inner, self.role = inner, role
+
+        def __call__(self, x: np.ndarray) -> np.ndarray:
+            calls.append((self.role, x.shape))
+            return self.inner(x)
+
+    shared = Counting(loaded.fracture_models["HAND"], "shared")
+    fracture = {p: Counting(m, p) for p, m in loaded.fracture_models.items()}
+    fracture["FINGER"] = fracture["WRIST"] = shared  # one model serving two parts runs once
+    bundle = Bundle(
+        loaded.path, loaded.manifest, Counting(loaded.body_part_model, "body_part"), fracture
+    )
+    assert bundle.warm_up(4) > 0
+    roles = sorted(role for role, _ in calls)
+    assert roles == sorted(
+        ["body_part", "shared", "ELBOW", "FOREARM", "HAND", "HUMERUS", "SHOULDER"]
+    )
+    spec = loaded.manifest.body_part.spec
+    assert {shape for _, shape in calls} == {(4, spec.input_size, spec.input_size, spec.channels)}
+    calls.clear()
+    assert bundle.warm_up(4) == 0.0 and calls == []
+    bundle.warm_up(2)
+    assert len(calls) == 7

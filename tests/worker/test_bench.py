@@ -44,6 +44,8 @@ def test_bench_reports_every_figure(tmp_path):
             "4",
             "--distributed-workers",
             "0",
+            "--repeats",
+            "2",
             "--work-dir",
             str(tmp_path / "work"),
         ],
@@ -66,6 +68,19 @@ def test_bench_reports_every_figure(tmp_path):
     assert "skipped" in report["distributed_note"]
     assert set(report["bare_img_s_by_engine"]) == {"keras", "onnx"}
     assert report["bare_img_s"] == report["bare_img_s_by_engine"][report["engine"]]
+    # Both engines went through `bonewatch process`, twice each; the figures are medians.
+    assert set(report["embedded_img_s_by_engine"]) == {"keras", "onnx"}
+    for name in ("keras", "onnx"):
+        runs = report["embedded_runs_img_s"][name]
+        assert len(runs) == 2 and all(r > 0 for r in runs)
+        assert report["embedded_img_s_by_engine"][name] == pytest.approx(sum(runs) / 2, abs=0.01)
+        assert len(report["bare_runs_img_s"][name]) == 2
+    assert report["embedded_img_s"] == report["embedded_img_s_by_engine"][report["engine"]]
+    assert report["onnx_vs_keras_embedded"] == pytest.approx(
+        report["embedded_img_s_by_engine"]["onnx"] / report["embedded_img_s_by_engine"]["keras"],
+        rel=0.02,
+    )
+    assert len(report["seed_style_runs_img_s"]) == 2
     assert report["embedded_vs_bare"] == pytest.approx(
         report["embedded_img_s"] / report["bare_img_s"], rel=0.02
     )
@@ -135,7 +150,23 @@ def test_distributed_figure_through_celery(tmp_path, pg_url, redis_url):
         register_files=50,
         broker_url=redis_url,
         distributed_database_url=pg_url,
+        repeats=1,
+        compare_engines=False,
+        scale_workers=(1, 2),
     )
     report = run_bench(config, work_dir=tmp_path)
     assert report["distributed_note"] is None
     assert isinstance(report["distributed_img_s"], float) and report["distributed_img_s"] > 0
+    scaling = report["distributed_scaling"]
+    assert [row["workers"] for row in scaling] == [1, 2]
+    assert all(row["img_s"] > 0 and len(row["runs_img_s"]) == 1 for row in scaling)
+    # The one-worker figure is the scaling run's, not a third run.
+    assert report["distributed_img_s"] == scaling[0]["img_s"]
+    assert scaling[0]["vs_first"] == 1.0
+
+
+@pytest.mark.parametrize("value", ["0,1", "one", ","])
+def test_scale_workers_must_be_counts(value):
+    result = CliRunner().invoke(app, ["bench", "--scale-workers", value])
+    assert result.exit_code == 2
+    assert "worker counts" in result.output
