@@ -261,6 +261,18 @@ def resolve_engine(manifest: Manifest, requested: str = AUTO) -> str:
     return requested
 
 
+def servable_engines(manifest: Manifest) -> list[str]:
+    """The engines this environment can serve the bundle with, in :data:`ENGINES` order."""
+    names = []
+    for name in ENGINES:
+        try:
+            resolve_engine(manifest, name)
+        except BundleError:
+            continue
+        names.append(name)
+    return names
+
+
 _cache: dict[tuple[Path, str], Bundle] = {}
 _cache_lock = threading.Lock()
 

@@ -53,9 +53,8 @@ from sqlalchemy import Engine
 from db import FINAL_STATUSES, count_by_status, make_engine, query_results
 from ingest import iter_candidate_files, read_image, write_png
 from models.benchmark import SeedStyleServer, build_random_bundle, forward_two_stage
-from models.bundle import Bundle, BundleError, load_bundle, read_manifest, resolve_engine
+from models.bundle import Bundle, load_bundle, read_manifest, resolve_engine, servable_engines
 from models.engines import (
-    ENGINES,
     InferenceThreads,
     available_cores,
     configure_tensorflow_threads,
@@ -719,17 +718,9 @@ def _bundle(work: Path, config: BenchConfig, report: Report) -> Path:
     )
 
 
-def _servable_engines(bundle_dir: Path) -> list[str]:
-    """The engines this environment can serve the bundle with."""
-    manifest = read_manifest(bundle_dir)
-    names = []
-    for name in ENGINES:
-        try:
-            resolve_engine(manifest, name)
-        except BundleError:
-            continue
-        names.append(name)
-    return names
+def _peak(runs: Sequence[LedgerRun]) -> float | None:
+    """The highest resident-memory mark over ``runs`` (None where none could be read)."""
+    return max((r.peak_rss_mb for r in runs if r.peak_rss_mb is not None), default=None)
 
 
 def _median(values: Sequence[float]) -> float | None:
@@ -754,8 +745,9 @@ def run_bench(
     try:
         load_before = os.getloadavg()[0]
         bundle_dir = _bundle(work.root, config, report)
-        engine = resolve_engine(read_manifest(bundle_dir), config.engine)
-        engines = _servable_engines(bundle_dir)
+        manifest = read_manifest(bundle_dir)
+        engine = resolve_engine(manifest, config.engine)
+        engines = servable_engines(manifest)
         images = work.root / "images"
         report(f"phantoms: {config.images} PNGs of {config.image_px} px")
         files = _phantom_set(images, config, distinct=None)
@@ -765,7 +757,7 @@ def run_bench(
         shutil.rmtree(work.root / "register-ledger", ignore_errors=True)
         register_s = measure_registration(work.root, config.register_files, config)
 
-        spec = read_manifest(bundle_dir).body_part.spec
+        spec = manifest.body_part.spec
         bare_files = files[:BARE_MAX_IMAGES]
         x = preprocess_batch([read_image(p, salt=BENCH_SALT).pixels for p in bare_files], spec)
         loaded = bare_bundles(bundle_dir, engines, config)
@@ -826,7 +818,7 @@ def run_bench(
     embedded_img_s = embedded_by_engine[engine]
     seed_style = _median(seed_runs)
     chosen_runs = embedded[engine]
-    peaks = [r.peak_rss_mb for r in chosen_runs if r.peak_rss_mb is not None]
+    peak_by_engine = {k: _peak(runs) for k, runs in embedded.items()}
     return {
         "engine": engine,
         "backbone": config.backbone,
@@ -853,7 +845,9 @@ def run_bench(
         "embedded_runs_img_s": {k: [_round(r.img_s) for r in runs] for k, runs in embedded.items()},
         "embedded_wall_s": _round(_median([r.wall_s for r in chosen_runs])),
         "distributed_img_s": _round(distributed_img_s),
-        "distributed_workers": config.distributed_workers if distributed_img_s else None,
+        "distributed_workers": config.distributed_workers
+        if distributed_img_s is not None
+        else None,
         "distributed_note": why_not,
         "embedded_vs_bare": _ratio(embedded_img_s, bare_img_s),
         "embedded_vs_seed_style": _ratio(embedded_img_s, seed_style),
@@ -863,11 +857,8 @@ def run_bench(
         "onnx_vs_keras_embedded": _ratio(
             embedded_by_engine.get("onnx"), embedded_by_engine.get("keras")
         ),
-        "peak_rss_mb": _round(max(peaks)) if peaks else None,
-        "peak_rss_mb_by_engine": {
-            k: _round(max((r.peak_rss_mb for r in runs if r.peak_rss_mb is not None), default=None))
-            for k, runs in embedded.items()
-        },
+        "peak_rss_mb": _round(peak_by_engine[engine]),
+        "peak_rss_mb_by_engine": {k: _round(v) for k, v in peak_by_engine.items()},
         "register_files_s": _round(register_s),
         "register_files": config.register_files,
         "machine": machine_description(),
