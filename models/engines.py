@@ -40,17 +40,40 @@ class InferenceThreads:
     """Threads the inference framework may use.
 
     Attributes:
-        intra_op: Threads that share the work of one operation (a convolution); 0 means one per
-            available core.
+        intra_op: Threads that share the work of one operation (a convolution); 0 means the
+            available cores divided among the streams.
         inter_op: Operations that may run side by side; the cascade's graphs are chains, so 1
             loses nothing and keeps a second pool from competing with the first.
+        streams: Batches the process runs through the models at the same time, each on its own
+            thread (the embedded worker's inference threads).
     """
 
     intra_op: int = 0
     inter_op: int = 1
+    streams: int = 1
 
     def resolved_intra_op(self) -> int:
-        return self.intra_op if self.intra_op > 0 else available_cores()
+        if self.intra_op > 0:
+            return self.intra_op
+        return max(1, available_cores() // max(1, self.streams))
+
+
+# Above this many cores a stream's operations are wide enough to keep its threads busy.
+MAX_AUTO_STREAMS = 4
+
+
+def default_streams(engine: str) -> int:
+    """The embedded worker's inference streams on ``engine`` when the user sets none.
+
+    ONNX Runtime runs one batch per core, each operation on a single thread (at most
+    :data:`MAX_AUTO_STREAMS`): a decode thread that takes a core for a moment then delays one
+    batch, instead of every operation of a batch split over all the cores waiting for its slowest
+    thread. Keras keeps one: two streams on TensorFlow ran at two thirds of one (the README's
+    "Throughput" section has the figures).
+    """
+    if engine == "onnx":
+        return max(1, min(available_cores(), MAX_AUTO_STREAMS))
+    return 1
 
 
 _tf_threads: InferenceThreads | None = None

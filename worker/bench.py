@@ -58,6 +58,7 @@ from models.engines import (
     InferenceThreads,
     available_cores,
     configure_tensorflow_threads,
+    default_streams,
     onnxruntime_available,
 )
 from models.phantoms import PARTS, draw_phantom
@@ -109,6 +110,7 @@ class BenchConfig:
     decode_workers: int = 2
     intra_op_threads: int = 0
     inter_op_threads: int = 1
+    inference_streams: int = 0  # 0: the engine's default (models.engines.default_streams)
     image_px: int = 512
     seed_style_images: int = 32
     register_files: int = 2000
@@ -129,13 +131,20 @@ class BenchConfig:
             "decode_workers": settings.decode_workers,
             "intra_op_threads": settings.intra_op_threads,
             "inter_op_threads": settings.inter_op_threads,
+            "inference_streams": settings.inference_streams,
         }
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
-    @property
-    def threads(self) -> InferenceThreads:
-        return InferenceThreads(self.intra_op_threads, self.inter_op_threads)
+    def streams_for(self, engine: str) -> int:
+        """Batches in inference at once on ``engine``, as the embedded worker runs them."""
+        return self.inference_streams or default_streams(engine)
+
+    def threads_for(self, engine: str) -> InferenceThreads:
+        """The framework threads the embedded worker gets on ``engine``."""
+        return InferenceThreads(
+            self.intra_op_threads, self.inter_op_threads, self.streams_for(engine)
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -250,6 +259,7 @@ def child_env(config: BenchConfig, bundle: Path, **settings: str) -> dict[str, s
             "BONEWATCH_DECODE_WORKERS": str(config.decode_workers),
             "BONEWATCH_INTRA_OP_THREADS": str(config.intra_op_threads),
             "BONEWATCH_INTER_OP_THREADS": str(config.inter_op_threads),
+            "BONEWATCH_INFERENCE_STREAMS": str(config.inference_streams),
             "BONEWATCH_PHI_SALT": BENCH_SALT,
             "TF_CPP_MIN_LOG_LEVEL": "2",
         }
@@ -402,7 +412,7 @@ def measure_embedded(
 
 def distributed_unavailable(config: BenchConfig) -> str | None:
     """Why the distributed figure cannot be measured here, or None when it can."""
-    if config.distributed_workers < 1:
+    if config.distributed_workers == 0:
         return "skipped (--distributed-workers 0)"
     for module in ("worker.celery_app", "worker.distributed"):
         if importlib.util.find_spec(module) is None:
@@ -506,6 +516,7 @@ def measure_distributed(
     counted; then throughput runs from the first registration of the timed set to its last
     result, as for the embedded figure.
     """
+    processes = config.distributed_workers
     env = child_env(
         config,
         bundle,
@@ -513,10 +524,6 @@ def measure_distributed(
         database_url=config.distributed_database_url,
         data_dir=str(work / "distributed-data"),
     )
-    if config.intra_op_threads == 0:
-        # Worker processes on one host share its cores rather than each taking all of them.
-        share = max(1, available_cores() // config.distributed_workers)
-        env["BONEWATCH_INTRA_OP_THREADS"] = str(share)
     upgrade = run_child(bonewatch_command("db", "upgrade"), env, work / "distributed-db.log")
     if upgrade.returncode != 0:
         raise BenchError(f"bonewatch db upgrade exited {upgrade.returncode}:\n{upgrade.tail()}")
@@ -529,9 +536,9 @@ def measure_distributed(
     write_phantoms(images, count, px=config.image_px, seed=run_seed + 1)
     engine = make_engine(config.distributed_database_url)
     try:
-        with _celery_workers(work, env, config.distributed_workers) as workers:
+        with _celery_workers(work, env, processes) as workers:
             before = _final(count_by_status(engine))
-            report(f"distributed: starting {config.distributed_workers} worker process(es)")
+            report(f"distributed: starting {processes} worker process(es)")
             enqueue = run_child(
                 bonewatch_command("process", str(warmup)), env, work / "distributed-warmup.log"
             )
@@ -566,14 +573,22 @@ def measure_distributed(
     return LedgerRun(count / _span_s(rows), wall, None)
 
 
-def bare_pass(bundle: Bundle, x: np.ndarray, batch_size: int) -> tuple[float, float]:
-    """One timed pass over ``x``: images per second, and stage-2 groups per batch."""
-    groups = 0
+def bare_pass(
+    bundle: Bundle, x: np.ndarray, batch_size: int, streams: int = 1
+) -> tuple[float, float]:
+    """One timed pass over ``x``: images per second, and stage-2 groups per batch.
+
+    With ``streams`` above 1, that many threads take the batches in turn, as the embedded
+    worker's inference streams do.
+    """
+    starts = range(0, len(x), batch_size)
     start = time.perf_counter()
-    for i in range(0, len(x), batch_size):
-        groups += forward_two_stage(bundle, x[i : i + batch_size], batch_size)
+    with ThreadPoolExecutor(streams, thread_name_prefix="bench-bare") as pool:
+        groups = sum(
+            pool.map(lambda i: forward_two_stage(bundle, x[i : i + batch_size], batch_size), starts)
+        )
     elapsed = time.perf_counter() - start
-    return len(x) / elapsed, groups / -(-len(x) // batch_size)
+    return len(x) / elapsed, groups / len(starts)
 
 
 def measure_scaling(
@@ -621,7 +636,8 @@ def bare_bundles(
 ) -> dict[str, Bundle]:
     """The bundle loaded here on each engine and warmed up, as the worker warms it up."""
     bundles = {
-        name: load_bundle(bundle_dir, engine=name, threads=config.threads) for name in engines
+        name: load_bundle(bundle_dir, engine=name, threads=config.threads_for(name))
+        for name in engines
     }
     for bundle in bundles.values():
         bundle.warm_up()
@@ -662,6 +678,14 @@ def machine_description() -> dict[str, Any]:
         "cpu": cpu,
         "memory_gb": memory_gb,
         "python": platform.python_version(),
+    }
+
+
+def _threads_report(threads: InferenceThreads) -> dict[str, int]:
+    return {
+        "intra_op": threads.resolved_intra_op(),
+        "inter_op": threads.inter_op,
+        "streams": threads.streams,
     }
 
 
@@ -740,7 +764,7 @@ def run_bench(
     if config.repeats < 1:
         raise ValueError("repeats must be at least 1")
     # Before anything runs TensorFlow here: bare passes get the worker's thread pools.
-    configure_tensorflow_threads(config.threads)
+    configure_tensorflow_threads(config.threads_for("keras"))
     work = _Work.open(work_dir)
     try:
         load_before = os.getloadavg()[0]
@@ -784,7 +808,9 @@ def run_bench(
                         )
                     )
                 report(f"bare {step}: {len(x)} preprocessed images ({name})")
-                img_s, groups = bare_pass(loaded[name], x, config.batch_size)
+                img_s, groups = bare_pass(
+                    loaded[name], x, config.batch_size, config.streams_for(name)
+                )
                 bare[name].append(img_s)
         del x, loaded
 
@@ -827,10 +853,8 @@ def run_bench(
         "image_px": config.image_px,
         "batch_size": config.batch_size,
         "decode_workers": config.decode_workers,
-        "threads": {
-            "intra_op": config.threads.resolved_intra_op(),
-            "inter_op": config.inter_op_threads,
-        },
+        "threads": _threads_report(config.threads_for(engine)),
+        "threads_by_engine": {k: _threads_report(config.threads_for(k)) for k in bare},
         "repeats": config.repeats,
         "bare_img_s": _round(bare_img_s),
         "bare_img_s_by_engine": {k: _round(v) for k, v in bare_by_engine.items()},

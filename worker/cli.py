@@ -254,7 +254,13 @@ def worker(
         str, typer.Option("--queues", "-Q", help="Queues to consume; live always first.")
     ] = "live,bulk",
     concurrency: Annotated[
-        int, typer.Option("--concurrency", "-c", min=1, help="Worker processes on this host.")
+        int,
+        typer.Option(
+            "--concurrency",
+            "-c",
+            min=1,
+            help="Worker processes on this host; they share its cores.",
+        ),
     ] = 1,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
     hostname: Annotated[
@@ -901,6 +907,12 @@ def bench(
         EngineChoice | None, typer.Option(help="Engine of the worker runs (BONEWATCH_ENGINE).")
     ] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Images per batch.")] = None,
+    inference_streams: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="Batches in inference at once (BONEWATCH_INFERENCE_STREAMS; 0 = auto)."
+        ),
+    ] = None,
     seed_style_images: Annotated[
         int, typer.Option(min=1, help="Images served one at a time with model.predict.")
     ] = 32,
@@ -955,7 +967,11 @@ def bench(
     from worker.bench import BenchConfig, BenchError, run_bench, run_rss_track
 
     config = BenchConfig.from_settings(
-        _settings(engine=engine.value if engine else None, batch_size=batch_size),
+        _settings(
+            engine=engine.value if engine else None,
+            batch_size=batch_size,
+            inference_streams=inference_streams,
+        ),
         images=images,
         backbone=backbone,
         input_size=input_size,

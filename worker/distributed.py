@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -32,6 +33,7 @@ from db import (
     reclaim_expired,
     waiting_images,
 )
+from models.engines import available_cores
 from worker.celery_app import QUEUE_ORDER, TASK_PROCESS, create_app
 from worker.pipeline import (
     decode_claimed,
@@ -320,8 +322,9 @@ def start_child(settings: Settings) -> None:
     engine = make_engine(settings.resolved_database_url)
     pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="bonewatch-io")
     _child = _Child(settings, engine, pool)
-    # the configured engine and framework threads, exactly as embedded mode serves
-    _child.bundle = serving_bundle(settings)
+    # The configured engine, on one stream: a child runs one task at a time, so its batch gets
+    # all the threads it was given (several children on a host share the cores between them).
+    _child.bundle = serving_bundle(settings.model_copy(update={"inference_streams": 1}))
     _child.specs = list(input_specs(_child.bundle))
     log.info("worker child %s ready with bundle %s", worker_id(), settings.bundle)
 
@@ -383,6 +386,12 @@ def parse_queues(text: str) -> list[str]:
     return sorted(dict.fromkeys(names), key=QUEUE_ORDER.index)
 
 
+def child_threads(settings: Settings, concurrency: int) -> int:
+    """Inference threads of each of ``concurrency`` pool children on this host: the configured
+    number, or else the host's cores shared between them (not all of them each)."""
+    return settings.intra_op_threads or max(1, available_cores() // concurrency)
+
+
 def run_worker(
     settings: Settings,
     *,
@@ -402,6 +411,8 @@ def run_worker(
             log.warning("released %d images left leased by dead workers on this host", released)
     finally:
         engine.dispose()
+    # The children read their settings from the environment they inherit.
+    os.environ["BONEWATCH_INTRA_OP_THREADS"] = str(child_threads(settings, concurrency))
     app = get_app(settings)
     ticker = PeriodicReconcile(settings, settings.reconcile_interval)
 

@@ -45,9 +45,9 @@ from ingest import (
     read_image,
     sha256_file,
 )
-from models.bundle import Bundle, load_bundle
+from models.bundle import Bundle, load_bundle, read_manifest, resolve_engine
 from models.cascade import Prediction, Preprocessed, prepare_inputs, run_cascade
-from models.engines import InferenceThreads
+from models.engines import InferenceThreads, default_streams
 from models.preprocess import PreprocessSpec
 from worker.heatmaps import store_heatmaps
 from worker.settings import Settings
@@ -55,10 +55,22 @@ from worker.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def inference_streams(settings: Settings, engine: str) -> int:
+    """Batches the embedded worker runs through the models at once on ``engine``."""
+    return settings.inference_streams or default_streams(engine)
+
+
+def serving_threads(settings: Settings) -> InferenceThreads:
+    """The framework threads for the configured bundle on the configured engine."""
+    engine = resolve_engine(read_manifest(settings.bundle), settings.engine)
+    return InferenceThreads(
+        settings.intra_op_threads, settings.inter_op_threads, inference_streams(settings, engine)
+    )
+
+
 def serving_bundle(settings: Settings) -> Bundle:
     """The configured bundle on the configured engine, its framework threads set from settings."""
-    threads = InferenceThreads(settings.intra_op_threads, settings.inter_op_threads)
-    bundle = load_bundle(settings.bundle, engine=settings.engine, threads=threads)
+    bundle = load_bundle(settings.bundle, engine=settings.engine, threads=serving_threads(settings))
     if settings.warm_up:
         seconds = bundle.warm_up()
         if seconds:

@@ -7,6 +7,7 @@ the same ledger functions as distributed mode.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
@@ -40,6 +41,7 @@ from worker.pipeline import (
     RegisterSummary,
     decode_claimed,
     infer_and_record,
+    inference_streams,
     register_paths,
     release_dead_local_leases,
     serving_bundle,
@@ -85,10 +87,18 @@ def _drain_pass(
     on_finished: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
 ) -> DrainSummary:
-    """One pass: claim and process until nothing is claimable (or ``stop`` is set)."""
+    """One pass: claim and process until nothing is claimable (or ``stop`` is set).
+
+    One producer thread claims and decodes batches; ``inference_streams`` consumers run them
+    through the cascade and record them, each its own batch (one consumer runs here, on the
+    calling thread).
+    """
     me = worker_id()
-    ready: queue.Queue[DecodedBatch | BaseException | None] = queue.Queue(maxsize=2)
-    halt = threading.Event()  # ours: ends the producer when the consumer leaves early
+    streams = inference_streams(settings, bundle.engine)
+    ready: queue.Queue[DecodedBatch | BaseException | None] = queue.Queue(maxsize=streams + 1)
+    halt = threading.Event()  # ours: ends the producer and the consumers when one fails
+    errors: list[BaseException] = []
+    lock = threading.Lock()
 
     def stopping() -> bool:
         return halt.is_set() or (stop is not None and stop.is_set())
@@ -109,30 +119,61 @@ def _drain_pass(
                     break
                 ready.put(decode_claimed(claimed, settings, pool, specs=specs))
             ready.put(None)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
+        except BaseException as exc:  # handed to a consumer, which ends the pass with it
             ready.put(exc)
+
+    summary = DrainSummary()
+
+    def consume() -> None:
+        try:
+            while not halt.is_set():
+                item = ready.get()
+                if item is None:
+                    _wake(ready)  # the end, for the other consumers too
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                done = infer_and_record(engine, bundle, item, settings)
+                with lock:
+                    summary.finished += done
+                    summary.batches += 1
+                if on_finished is not None:
+                    on_finished(done)
+        except BaseException as exc:
+            with lock:
+                errors.append(exc)
+            halt.set()
+            _wake(ready)  # a consumer waiting for a batch wakes, and passes the end on
 
     producer = threading.Thread(target=produce, name="bonewatch-decode", daemon=True)
     producer.start()
-    summary = DrainSummary()
+    others = [
+        threading.Thread(target=consume, name=f"bonewatch-infer-{k}", daemon=True)
+        for k in range(1, streams)
+    ]
     try:
-        while (item := ready.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            done = infer_and_record(engine, bundle, item, settings)
-            summary.finished += done
-            summary.batches += 1
-            if on_finished is not None:
-                on_finished(done)
+        for thread in others:
+            thread.start()
+        consume()
+        for thread in others:
+            thread.join()
     finally:
         halt.set()
-        while producer.is_alive():
+        while producer.is_alive() or any(t.is_alive() for t in others):
             try:
-                ready.get(timeout=0.1)
+                ready.get(timeout=0.1)  # unblocks the producer
             except queue.Empty:
-                pass
+                _wake(ready)  # and a consumer still waiting for a batch
         producer.join()
+    if errors:
+        raise errors[0]
     return summary
+
+
+def _wake(ready: queue.Queue[Any]) -> None:
+    """Put the end-of-work mark in ``ready`` unless it is full (then nobody is waiting on it)."""
+    with contextlib.suppress(queue.Full):
+        ready.put_nowait(None)
 
 
 def drain(

@@ -46,6 +46,13 @@ class Settings(BaseSettings):
         0, ge=0, le=256, description="inference threads inside one op; 0 = one per core"
     )
     inter_op_threads: int = Field(1, ge=1, le=64, description="inference ops run side by side")
+    inference_streams: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="batches in inference at once (embedded worker); 0 = one per core (at most "
+        "4) on ONNX Runtime, 1 on Keras",
+    )
     warm_up: bool = Field(
         True, description="run every model once at start-up, before the first batch"
     )

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ingest import parse_mura_path
+from models.engines import default_streams
 from worker.bench import (
     REPORT_KEYS,
     BenchConfig,
@@ -90,6 +91,14 @@ def test_bench_reports_every_figure(tmp_path):
     # A worker process with a model loaded: more than an empty interpreter, far less than 8 GB.
     assert 50 < report["peak_rss_mb"] < 8000
     assert report["machine"]["cores"] >= 1
+    # Bare passes and worker runs use each engine's own streams and threads.
+    threads = report["threads_by_engine"]
+    assert threads["keras"]["streams"] == 1
+    assert threads["onnx"]["streams"] == default_streams("onnx")
+    assert threads["onnx"]["intra_op"] * threads["onnx"]["streams"] <= max(
+        report["machine"]["cores"], threads["onnx"]["streams"]
+    )
+    assert report["threads"] == threads[report["engine"]]
 
 
 def test_phantoms_are_distinct_files_in_mura_layout(tmp_path):

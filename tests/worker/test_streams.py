@@ -1,0 +1,130 @@
+"""Inference streams: the embedded worker runs several batches through the models at once."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import models.engines as engines
+import worker.distributed as distributed
+import worker.runner as runner
+from db import count_by_status, query_results, release_leases
+from ingest import write_png
+from models.engines import InferenceThreads, default_streams
+from worker.distributed import child_threads
+from worker.pipeline import inference_streams, serving_threads, worker_id
+from worker.runner import open_ledger, process_paths
+
+
+def _inbox(root: Path, count: int) -> Path:
+    root.mkdir(parents=True)
+    for i in range(count):
+        # bright images are ELBOW for the tiny bundle; each file distinct
+        pixels = np.full((40, 40), 0.6 + 0.3 * i / count, np.float32)
+        write_png(root / f"image{i:03d}.png", pixels)
+    return root
+
+
+def _outcomes(settings) -> dict[str, tuple[str, float | None]]:
+    rows = query_results(open_ledger(settings))
+    return {Path(str(r["path"])).name: (str(r["status"]), r["p_fracture"]) for r in rows}
+
+
+def test_streams_run_batches_side_by_side_and_finish_each_image_once(
+    tmp_path, settings, monkeypatch
+):
+    inbox = _inbox(tmp_path / "inbox", 24)
+    threads_seen: set[str] = set()
+    real = runner.infer_and_record
+
+    def recording(*args, **kwargs):
+        threads_seen.add(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "infer_and_record", recording)
+    three = settings.model_copy(update={"inference_streams": 3, "batch_size": 2})
+    registered, drained = process_paths([inbox], three)
+    assert registered.new == 24 and drained.finished == 24 and drained.batches == 12
+    assert len(threads_seen) > 1  # more than one stream took batches
+    counts = count_by_status(open_ledger(three))
+    assert counts["done"] == 24 and sum(counts.values()) == 24
+    with_streams = _outcomes(three)
+
+    one = settings.model_copy(
+        update={"inference_streams": 1, "batch_size": 2, "data_dir": tmp_path / "one"}
+    )
+    process_paths([inbox], one)
+    # The same predictions, whichever stream ran an image.
+    expected = _outcomes(one)
+    assert with_streams.keys() == expected.keys()
+    for name, (status, p) in expected.items():
+        assert with_streams[name][0] == status
+        assert with_streams[name][1] == pytest.approx(p, abs=1e-6)
+
+
+def test_a_failing_stream_ends_the_run_and_a_new_run_finishes_the_rest(
+    tmp_path, settings, monkeypatch
+):
+    inbox = _inbox(tmp_path / "inbox", 16)
+    real = runner.infer_and_record
+    calls = {"n": 0}
+    lock = threading.Lock()
+
+    def failing_second(*args, **kwargs):
+        with lock:
+            calls["n"] += 1
+            n = calls["n"]
+        if n == 2:
+            raise RuntimeError("the disk under the ledger is full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "infer_and_record", failing_second)
+    two = settings.model_copy(update={"inference_streams": 2, "batch_size": 2})
+    with pytest.raises(RuntimeError, match="disk under the ledger"):
+        process_paths([inbox], two)
+    counts = count_by_status(open_ledger(two))
+    assert 0 < counts["done"] < 16
+
+    # Rows the failed run had claimed stay leased to it; once it is gone a new run takes them
+    # back (here: released as a dead worker's are), and every image ends done exactly once.
+    release_leases(open_ledger(two), [worker_id()], max_attempts=None)
+    monkeypatch.setattr(runner, "infer_and_record", real)
+    process_paths([inbox], two)
+    rows = query_results(open_ledger(two))
+    assert len(rows) == 16 and {r["status"] for r in rows} == {"done"}
+    assert count_by_status(open_ledger(two))["done"] == 16
+
+
+def test_onnx_runs_a_stream_per_core_and_keras_one(monkeypatch):
+    monkeypatch.setattr(engines, "available_cores", lambda: 8)
+    assert default_streams("onnx") == engines.MAX_AUTO_STREAMS == 4
+    assert default_streams("keras") == 1
+    monkeypatch.setattr(engines, "available_cores", lambda: 2)
+    assert default_streams("onnx") == 2
+    # The cores are divided among the streams unless the thread count is set.
+    assert InferenceThreads(streams=2).resolved_intra_op() == 1
+    assert InferenceThreads(streams=1).resolved_intra_op() == 2
+    assert InferenceThreads(intra_op=3, streams=2).resolved_intra_op() == 3
+    monkeypatch.setattr(engines, "available_cores", lambda: 1)
+    assert default_streams("onnx") == 1
+    assert InferenceThreads(streams=4).resolved_intra_op() == 1
+
+
+def test_streams_follow_the_settings_and_the_engine(settings, monkeypatch):
+    monkeypatch.setattr(engines, "available_cores", lambda: 2)
+    assert inference_streams(settings, "onnx") == 2
+    assert inference_streams(settings.model_copy(update={"inference_streams": 3}), "keras") == 3
+    # the tiny bundle has Keras models only: one stream with both cores
+    threads = serving_threads(settings)
+    assert (threads.streams, threads.resolved_intra_op()) == (1, 2)
+
+
+def test_worker_children_share_the_host_cores(settings, monkeypatch):
+    monkeypatch.setattr(distributed, "available_cores", lambda: 8)
+    assert child_threads(settings, 1) == 8
+    assert child_threads(settings, 2) == 4
+    assert child_threads(settings, 16) == 1
+    assert child_threads(settings.model_copy(update={"intra_op_threads": 3}), 2) == 3
