@@ -602,7 +602,7 @@ def measure_scaling(
     runs: dict[int, list[float]] = {n: [] for n in config.scale_workers}
     for rep in range(config.repeats if runs else 0):
         for n in runs:
-            report(f"scaling {rep + 1}/{config.repeats}: {n} worker process(es)")
+            report(f"distributed {rep + 1}/{config.repeats}: {n} worker process(es)")
             run = measure_distributed(
                 work, config.images, bundle, replace(config, distributed_workers=n), report
             )
@@ -816,15 +816,17 @@ def run_bench(
 
         distributed_img_s: float | None = None
         scaling: dict[int, list[float]] = {}
+        distributed_runs: list[float] = []
         why_not = distributed_unavailable(config)
         if why_not is None:
-            scaling = measure_scaling(work.root, bundle_dir, config, report)
-            if config.distributed_workers in scaling:
-                distributed_img_s = _median(scaling[config.distributed_workers])
-            else:
-                distributed_img_s = measure_distributed(
-                    work.root, config.images, bundle_dir, config, report
-                ).img_s
+            # The figure's own worker count and any asked for take turns, --repeats times.
+            counts = tuple(dict.fromkeys((*config.scale_workers, config.distributed_workers)))
+            runs = measure_scaling(
+                work.root, bundle_dir, replace(config, scale_workers=counts), report
+            )
+            distributed_runs = runs[config.distributed_workers]
+            distributed_img_s = _median(distributed_runs)
+            scaling = {n: runs[n] for n in config.scale_workers}
         else:
             report(f"distributed: not measured: {why_not}")
 
@@ -869,6 +871,7 @@ def run_bench(
         "embedded_runs_img_s": {k: [_round(r.img_s) for r in runs] for k, runs in embedded.items()},
         "embedded_wall_s": _round(_median([r.wall_s for r in chosen_runs])),
         "distributed_img_s": _round(distributed_img_s),
+        "distributed_runs_img_s": [_round(r) for r in distributed_runs],
         "distributed_workers": config.distributed_workers
         if distributed_img_s is not None
         else None,

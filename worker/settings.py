@@ -53,6 +53,9 @@ class Settings(BaseSettings):
         description="batches in inference at once (embedded worker); 0 = one per core (at most "
         "4) on ONNX Runtime, 1 on Keras",
     )
+    malloc_arenas: int = Field(
+        2, ge=0, le=1024, description="glibc malloc arenas of a serving process; 0 = glibc's own"
+    )
     warm_up: bool = Field(
         True, description="run every model once at start-up, before the first batch"
     )

@@ -65,7 +65,7 @@ def test_bench_reports_every_figure(tmp_path):
         "register_files_s",
     ):
         assert isinstance(report[key], float) and report[key] > 0, key
-    assert report["distributed_img_s"] is None
+    assert report["distributed_img_s"] is None and report["distributed_runs_img_s"] == []
     assert "skipped" in report["distributed_note"]
     assert set(report["bare_img_s_by_engine"]) == {"keras", "onnx"}
     assert report["bare_img_s"] == report["bare_img_s_by_engine"][report["engine"]]
@@ -171,6 +171,7 @@ def test_distributed_figure_through_celery(tmp_path, pg_url, redis_url):
     assert all(row["img_s"] > 0 and len(row["runs_img_s"]) == 1 for row in scaling)
     # The one-worker figure is the scaling run's, not a third run.
     assert report["distributed_img_s"] == scaling[0]["img_s"]
+    assert report["distributed_runs_img_s"] == scaling[0]["runs_img_s"]
     assert scaling[0]["vs_first"] == 1.0
 
 

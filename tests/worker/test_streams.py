@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+import sys
 import threading
 from pathlib import Path
 
@@ -15,8 +17,9 @@ from db import count_by_status, query_results, release_leases
 from ingest import write_png
 from models.engines import InferenceThreads, default_streams
 from worker.distributed import child_threads
-from worker.pipeline import inference_streams, serving_threads, worker_id
+from worker.pipeline import inference_streams, limit_malloc_arenas, serving_threads, worker_id
 from worker.runner import open_ledger, process_paths
+from worker.settings import Settings
 
 
 def _inbox(root: Path, count: int) -> Path:
@@ -128,3 +131,10 @@ def test_worker_children_share_the_host_cores(settings, monkeypatch):
     assert child_threads(settings, 2) == 4
     assert child_threads(settings, 16) == 1
     assert child_threads(settings.model_copy(update={"intra_op_threads": 3}), 2) == 3
+
+
+def test_serving_processes_cap_their_malloc_arenas():
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert limit_malloc_arenas(2) is glibc
+    assert limit_malloc_arenas(0) is False  # 0 leaves glibc's own choice
+    assert Settings().malloc_arenas == 2
