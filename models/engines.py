@@ -63,7 +63,8 @@ MAX_AUTO_STREAMS = 4
 
 
 def default_streams(engine: str) -> int:
-    """The embedded worker's inference streams on ``engine`` when the user sets none.
+    """Batches in inference at once on ``engine`` when the user sets none: the embedded worker's
+    inference streams, and the processes a ``bonewatch worker`` starts.
 
     ONNX Runtime runs one batch per core, each operation on a single thread (at most
     :data:`MAX_AUTO_STREAMS`): a decode thread that takes a core for a moment then delays one

@@ -114,7 +114,7 @@ class BenchConfig:
     image_px: int = 512
     seed_style_images: int = 32
     register_files: int = 2000
-    distributed_workers: int = 1  # 0 skips the distributed figure
+    distributed_workers: int | None = None  # None: as `bonewatch worker` starts; 0: skipped
     scale_workers: tuple[int, ...] = ()  # worker-process counts whose distributed figures scale
     broker_url: str = DEFAULT_BROKER_URL
     distributed_database_url: str = DEFAULT_DISTRIBUTED_DB
@@ -517,6 +517,8 @@ def measure_distributed(
     result, as for the embedded figure.
     """
     processes = config.distributed_workers
+    if not processes:
+        raise ValueError("the distributed figure needs at least one worker process")
     env = child_env(
         config,
         bundle,
@@ -772,6 +774,10 @@ def run_bench(
         manifest = read_manifest(bundle_dir)
         engine = resolve_engine(manifest, config.engine)
         engines = servable_engines(manifest)
+        workers = config.distributed_workers
+        if workers is None:  # as many as `bonewatch worker` starts
+            workers = default_streams(engine)
+            config = replace(config, distributed_workers=workers)
         images = work.root / "images"
         report(f"phantoms: {config.images} PNGs of {config.image_px} px")
         files = _phantom_set(images, config, distinct=None)
@@ -820,11 +826,11 @@ def run_bench(
         why_not = distributed_unavailable(config)
         if why_not is None:
             # The figure's own worker count and any asked for take turns, --repeats times.
-            counts = tuple(dict.fromkeys((*config.scale_workers, config.distributed_workers)))
+            counts = tuple(dict.fromkeys((*config.scale_workers, workers)))
             runs = measure_scaling(
                 work.root, bundle_dir, replace(config, scale_workers=counts), report
             )
-            distributed_runs = runs[config.distributed_workers]
+            distributed_runs = runs[workers]
             distributed_img_s = _median(distributed_runs)
             scaling = {n: runs[n] for n in config.scale_workers}
         else:

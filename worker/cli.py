@@ -258,10 +258,11 @@ def worker(
         typer.Option(
             "--concurrency",
             "-c",
-            min=1,
-            help="Worker processes on this host; they share its cores.",
+            min=0,
+            help="Worker processes on this host, sharing its cores; 0 = one per core (at most 4) "
+            "on ONNX Runtime, 1 on Keras.",
         ),
-    ] = 1,
+    ] = 0,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
     hostname: Annotated[
         str | None, typer.Option(help="Celery node name (default bonewatch@<host>).")
@@ -920,8 +921,13 @@ def bench(
         int, typer.Option(min=1, help="Small files registered to measure registration.")
     ] = 2000,
     distributed_workers: Annotated[
-        int, typer.Option(min=0, help="Worker processes for the distributed figure; 0 skips it.")
-    ] = 1,
+        int | None,
+        typer.Option(
+            min=0,
+            help="Worker processes for the distributed figure (default: as many as `bonewatch "
+            "worker` starts); 0 skips it.",
+        ),
+    ] = None,
     broker_url: Annotated[str, typer.Option(help="Redis for the distributed figure.")] = (
         "redis://127.0.0.1:6379/14"
     ),

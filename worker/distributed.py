@@ -33,7 +33,7 @@ from db import (
     reclaim_expired,
     waiting_images,
 )
-from models.engines import available_cores
+from models.engines import available_cores, default_streams
 from worker.celery_app import QUEUE_ORDER, TASK_PROCESS, create_app
 from worker.pipeline import (
     decode_claimed,
@@ -386,6 +386,16 @@ def parse_queues(text: str) -> list[str]:
     return sorted(dict.fromkeys(names), key=QUEUE_ORDER.index)
 
 
+def worker_processes(settings: Settings, concurrency: int = 0) -> int:
+    """Pool processes for ``bonewatch worker``: ``concurrency``, or for 0 as many as the embedded
+    worker runs inference streams on the configured bundle's engine (a batch per core on ONNX
+    Runtime, one process on Keras)."""
+    from models.bundle import read_manifest, resolve_engine
+
+    manifest = read_manifest(settings.bundle)
+    return concurrency or default_streams(resolve_engine(manifest, settings.engine))
+
+
 def child_threads(settings: Settings, concurrency: int) -> int:
     """Inference threads of each of ``concurrency`` pool children on this host: the configured
     number, or else the host's cores shared between them (not all of them each)."""
@@ -401,9 +411,8 @@ def run_worker(
     hostname: str | None = None,
 ) -> None:
     """Run a Celery worker in this process until it is stopped (SIGTERM / Ctrl-C)."""
-    from models.bundle import read_manifest
-
-    read_manifest(settings.bundle)  # a bad bundle fails here, clearly, not in every child
+    concurrency = worker_processes(settings, concurrency)  # a bad bundle fails here, clearly
+    log.info("starting %d worker process(es)", concurrency)
     engine = open_shared_ledger(settings)
     try:
         released = release_dead_local_leases(engine, settings)

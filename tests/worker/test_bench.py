@@ -169,9 +169,12 @@ def test_distributed_figure_through_celery(tmp_path, pg_url, redis_url):
     scaling = report["distributed_scaling"]
     assert [row["workers"] for row in scaling] == [1, 2]
     assert all(row["img_s"] > 0 and len(row["runs_img_s"]) == 1 for row in scaling)
-    # The one-worker figure is the scaling run's, not a third run.
-    assert report["distributed_img_s"] == scaling[0]["img_s"]
-    assert report["distributed_runs_img_s"] == scaling[0]["runs_img_s"]
+    # The figure runs as many processes as `bonewatch worker` starts for the engine, and is that
+    # count's scaling row, not a third run.
+    assert report["distributed_workers"] == default_streams(report["engine"])
+    row = next(r for r in scaling if r["workers"] == report["distributed_workers"])
+    assert report["distributed_img_s"] == row["img_s"]
+    assert report["distributed_runs_img_s"] == row["runs_img_s"]
     assert scaling[0]["vs_first"] == 1.0
 
 

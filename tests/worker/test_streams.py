@@ -16,10 +16,10 @@ import worker.runner as runner
 from db import count_by_status, query_results, release_leases
 from ingest import write_png
 from models.engines import InferenceThreads, default_streams
-from worker.distributed import child_threads
+from worker.distributed import child_threads, worker_processes
 from worker.pipeline import inference_streams, limit_malloc_arenas, serving_threads, worker_id
 from worker.runner import open_ledger, process_paths
-from worker.settings import Settings
+from worker.settings import DEMO_BUNDLE, Settings
 
 
 def _inbox(root: Path, count: int) -> Path:
@@ -123,6 +123,15 @@ def test_streams_follow_the_settings_and_the_engine(settings, monkeypatch):
     # the tiny bundle has Keras models only: one stream with both cores
     threads = serving_threads(settings)
     assert (threads.streams, threads.resolved_intra_op()) == (1, 2)
+
+
+def test_worker_starts_a_process_per_core_on_onnx_and_one_on_keras(settings, monkeypatch):
+    monkeypatch.setattr(engines, "available_cores", lambda: 2)
+    demo = settings.model_copy(update={"bundle": DEMO_BUNDLE})  # ships ONNX models
+    assert worker_processes(demo) == 2
+    assert worker_processes(demo.model_copy(update={"engine": "keras"})) == 1
+    assert worker_processes(settings) == 1  # Keras only
+    assert worker_processes(demo, 3) == 3
 
 
 def test_worker_children_share_the_host_cores(settings, monkeypatch):
