@@ -300,6 +300,8 @@ def load_bundle(
         cached = _cache.get((root, chosen))
         if cached is not None:
             return cached
+        if threads is not None:
+            threads = threads.for_engine(chosen)
         if chosen == "onnx":
             onnx_threads = threads or InferenceThreads()
             stage1 = _load_onnx(root, manifest.body_part, onnx_threads)

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,8 @@ class InferenceThreads:
         inter_op: Operations that may run side by side; the cascade's graphs are chains, so 1
             loses nothing and keeps a second pool from competing with the first.
         streams: Batches the process runs through the models at the same time, each on its own
-            thread (the embedded worker's inference threads).
+            thread (the embedded worker's inference threads); 0 means the engine's default,
+            settled by :meth:`for_engine` when a bundle loads.
     """
 
     intra_op: int = 0
@@ -56,6 +57,10 @@ class InferenceThreads:
         if self.intra_op > 0:
             return self.intra_op
         return max(1, available_cores() // max(1, self.streams))
+
+    def for_engine(self, engine: str) -> InferenceThreads:
+        """These threads with an unset stream count replaced by ``engine``'s default."""
+        return self if self.streams else replace(self, streams=default_streams(engine))
 
 
 # Above this many cores a stream's operations are wide enough to keep its threads busy.

@@ -136,15 +136,12 @@ class BenchConfig:
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
-    def streams_for(self, engine: str) -> int:
-        """Batches in inference at once on ``engine``, as the embedded worker runs them."""
-        return self.inference_streams or default_streams(engine)
-
     def threads_for(self, engine: str) -> InferenceThreads:
         """The framework threads the embedded worker gets on ``engine``."""
-        return InferenceThreads(
-            self.intra_op_threads, self.inter_op_threads, self.streams_for(engine)
+        threads = InferenceThreads(
+            self.intra_op_threads, self.inter_op_threads, self.inference_streams
         )
+        return threads.for_engine(engine)
 
 
 # ------------------------------------------------------------------------------------------
@@ -815,7 +812,7 @@ def run_bench(
                     )
                 report(f"bare {step}: {len(x)} preprocessed images ({name})")
                 img_s, groups = bare_pass(
-                    loaded[name], x, config.batch_size, config.streams_for(name)
+                    loaded[name], x, config.batch_size, config.threads_for(name).streams
                 )
                 bare[name].append(img_s)
         del x, loaded

@@ -33,7 +33,7 @@ from db import (
     reclaim_expired,
     waiting_images,
 )
-from models.engines import available_cores, default_streams
+from models.engines import InferenceThreads, default_streams
 from worker.celery_app import QUEUE_ORDER, TASK_PROCESS, create_app
 from worker.pipeline import (
     decode_claimed,
@@ -399,7 +399,7 @@ def worker_processes(settings: Settings, concurrency: int = 0) -> int:
 def child_threads(settings: Settings, concurrency: int) -> int:
     """Inference threads of each of ``concurrency`` pool children on this host: the configured
     number, or else the host's cores shared between them (not all of them each)."""
-    return settings.intra_op_threads or max(1, available_cores() // concurrency)
+    return InferenceThreads(settings.intra_op_threads, streams=concurrency).resolved_intra_op()
 
 
 def run_worker(

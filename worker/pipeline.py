@@ -47,9 +47,9 @@ from ingest import (
     read_image,
     sha256_file,
 )
-from models.bundle import Bundle, load_bundle, read_manifest, resolve_engine
+from models.bundle import Bundle, load_bundle
 from models.cascade import Prediction, Preprocessed, prepare_inputs, run_cascade
-from models.engines import InferenceThreads, default_streams
+from models.engines import InferenceThreads
 from models.preprocess import PreprocessSpec
 from worker.heatmaps import store_heatmaps
 from worker.settings import Settings
@@ -57,17 +57,17 @@ from worker.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def serving_threads(settings: Settings) -> InferenceThreads:
+    """The framework threads as configured; an unset stream count is the engine's default,
+    settled when the bundle loads (``InferenceThreads.for_engine``)."""
+    return InferenceThreads(
+        settings.intra_op_threads, settings.inter_op_threads, settings.inference_streams
+    )
+
+
 def inference_streams(settings: Settings, engine: str) -> int:
     """Batches the embedded worker runs through the models at once on ``engine``."""
-    return settings.inference_streams or default_streams(engine)
-
-
-def serving_threads(settings: Settings) -> InferenceThreads:
-    """The framework threads for the configured bundle on the configured engine."""
-    engine = resolve_engine(read_manifest(settings.bundle), settings.engine)
-    return InferenceThreads(
-        settings.intra_op_threads, settings.inter_op_threads, inference_streams(settings, engine)
-    )
+    return serving_threads(settings).for_engine(engine).streams
 
 
 # mallopt's parameter number for the arena cap (glibc's malloc.h)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import models.engines as engines
-import worker.distributed as distributed
 import worker.runner as runner
 from db import count_by_status, query_results, release_leases
 from ingest import write_png
+from models.bundle import read_manifest, resolve_engine
 from models.engines import InferenceThreads, default_streams
 from worker.distributed import child_threads, worker_processes
 from worker.pipeline import inference_streams, limit_malloc_arenas, serving_threads, worker_id
@@ -121,7 +121,9 @@ def test_streams_follow_the_settings_and_the_engine(settings, monkeypatch):
     assert inference_streams(settings, "onnx") == 2
     assert inference_streams(settings.model_copy(update={"inference_streams": 3}), "keras") == 3
     # the tiny bundle has Keras models only: one stream with both cores
-    threads = serving_threads(settings)
+    threads = serving_threads(settings).for_engine(
+        resolve_engine(read_manifest(settings.bundle), settings.engine)
+    )
     assert (threads.streams, threads.resolved_intra_op()) == (1, 2)
 
 
@@ -135,7 +137,7 @@ def test_worker_starts_a_process_per_core_on_onnx_and_one_on_keras(settings, mon
 
 
 def test_worker_children_share_the_host_cores(settings, monkeypatch):
-    monkeypatch.setattr(distributed, "available_cores", lambda: 8)
+    monkeypatch.setattr(engines, "available_cores", lambda: 8)
     assert child_threads(settings, 1) == 8
     assert child_threads(settings, 2) == 4
     assert child_threads(settings, 16) == 1
