@@ -312,9 +312,10 @@ def load_bundle(
         else:
             if threads is not None:
                 configure_tensorflow_threads(threads)
-            stage1 = KerasPredictor(load_keras_model(root, manifest.body_part))
+            per_pass = threads.forward_batch if threads is not None else 0
+            stage1 = KerasPredictor(load_keras_model(root, manifest.body_part), per_pass)
             fracture = {
-                part: KerasPredictor(load_keras_model(root, manifest.fracture[part]))
+                part: KerasPredictor(load_keras_model(root, manifest.fracture[part]), per_pass)
                 for part in manifest.parts()
             }
         bundle = Bundle(root, manifest, stage1, fracture, chosen)

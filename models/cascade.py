@@ -36,8 +36,10 @@ class Prediction:
 
 
 def predict_probs(model: Predictor, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Run a model over ``x`` in chunks of ``batch_size``; returns its outputs as float64."""
-    outs = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    """Run a model over ``x`` in chunks of ``batch_size``, or of the model's own smaller pass
+    size; returns its outputs as float64."""
+    step = model.pass_size(batch_size)
+    outs = [model(x[i : i + step]) for i in range(0, len(x), step)]
     return np.concatenate(outs) if outs else np.zeros((0, 1))
 
 

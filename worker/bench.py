@@ -111,6 +111,7 @@ class BenchConfig:
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     inference_streams: int = 0  # 0: the engine's default (models.engines.default_streams)
+    forward_batch: int = 0  # 0: the engine's default (models.engines.CPU_FORWARD_BATCH on a CPU)
     image_px: int = 512
     seed_style_images: int = 32
     register_files: int = 2000
@@ -132,6 +133,7 @@ class BenchConfig:
             "intra_op_threads": settings.intra_op_threads,
             "inter_op_threads": settings.inter_op_threads,
             "inference_streams": settings.inference_streams,
+            "forward_batch": settings.forward_batch,
         }
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
@@ -139,7 +141,7 @@ class BenchConfig:
     def threads_for(self, engine: str) -> InferenceThreads:
         """The framework threads the embedded worker gets on ``engine``."""
         threads = InferenceThreads(
-            self.intra_op_threads, self.inter_op_threads, self.inference_streams
+            self.intra_op_threads, self.inter_op_threads, self.inference_streams, self.forward_batch
         )
         return threads.for_engine(engine)
 
@@ -257,6 +259,7 @@ def child_env(config: BenchConfig, bundle: Path, **settings: str) -> dict[str, s
             "BONEWATCH_INTRA_OP_THREADS": str(config.intra_op_threads),
             "BONEWATCH_INTER_OP_THREADS": str(config.inter_op_threads),
             "BONEWATCH_INFERENCE_STREAMS": str(config.inference_streams),
+            "BONEWATCH_FORWARD_BATCH": str(config.forward_batch),
             "BONEWATCH_PHI_SALT": BENCH_SALT,
             "TF_CPP_MIN_LOG_LEVEL": "2",
         }
@@ -680,11 +683,12 @@ def machine_description() -> dict[str, Any]:
     }
 
 
-def _threads_report(threads: InferenceThreads) -> dict[str, int]:
+def _threads_report(threads: InferenceThreads, forward_batch: int) -> dict[str, int]:
     return {
         "intra_op": threads.resolved_intra_op(),
         "inter_op": threads.inter_op,
         "streams": threads.streams,
+        "forward_batch": forward_batch,
     }
 
 
@@ -815,6 +819,8 @@ def run_bench(
                     loaded[name], x, config.batch_size, config.threads_for(name).streams
                 )
                 bare[name].append(img_s)
+        # Images per forward pass, as each engine settled it (0: the whole batch)
+        per_pass = {name: bundle.body_part_model.forward_batch for name, bundle in loaded.items()}
         del x, loaded
 
         distributed_img_s: float | None = None
@@ -858,8 +864,8 @@ def run_bench(
         "image_px": config.image_px,
         "batch_size": config.batch_size,
         "decode_workers": config.decode_workers,
-        "threads": _threads_report(config.threads_for(engine)),
-        "threads_by_engine": {k: _threads_report(config.threads_for(k)) for k in bare},
+        "threads": _threads_report(config.threads_for(engine), per_pass[engine]),
+        "threads_by_engine": {k: _threads_report(config.threads_for(k), per_pass[k]) for k in bare},
         "repeats": config.repeats,
         "bare_img_s": _round(bare_img_s),
         "bare_img_s_by_engine": {k: _round(v) for k, v in bare_by_engine.items()},

@@ -914,6 +914,12 @@ def bench(
             min=0, help="Batches in inference at once (BONEWATCH_INFERENCE_STREAMS; 0 = auto)."
         ),
     ] = None,
+    forward_batch: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="Most images per forward pass (BONEWATCH_FORWARD_BATCH; 0 = the engine's)."
+        ),
+    ] = None,
     seed_style_images: Annotated[
         int, typer.Option(min=1, help="Images served one at a time with model.predict.")
     ] = 32,
@@ -977,6 +983,7 @@ def bench(
             engine=engine.value if engine else None,
             batch_size=batch_size,
             inference_streams=inference_streams,
+            forward_batch=forward_batch,
         ),
         images=images,
         backbone=backbone,

@@ -61,7 +61,10 @@ def serving_threads(settings: Settings) -> InferenceThreads:
     """The framework threads as configured; an unset stream count is the engine's default,
     settled when the bundle loads (``InferenceThreads.for_engine``)."""
     return InferenceThreads(
-        settings.intra_op_threads, settings.inter_op_threads, settings.inference_streams
+        settings.intra_op_threads,
+        settings.inter_op_threads,
+        settings.inference_streams,
+        settings.forward_batch,
     )
 
 

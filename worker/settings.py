@@ -53,6 +53,13 @@ class Settings(BaseSettings):
         description="batches in inference at once (embedded worker); 0 = one per core (at most "
         "4) on ONNX Runtime, 1 on Keras",
     )
+    forward_batch: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="most images per forward pass; 0 = the engine's choice (CPU: 1 on ONNX "
+        "Runtime, 4 on Keras; GPU: the whole batch)",
+    )
     malloc_arenas: int = Field(
         2, ge=0, le=1024, description="glibc malloc arenas of a serving process; 0 = glibc's own"
     )

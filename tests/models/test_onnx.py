@@ -14,8 +14,8 @@ import pytest
 
 from ingest import DecodedImage, ImageMeta
 from models.bundle import BundleError, load_bundle, read_manifest, resolve_engine
-from models.cascade import run_cascade
-from models.engines import InferenceThreads, OnnxPredictor
+from models.cascade import predict_probs, run_cascade
+from models.engines import CPU_FORWARD_BATCH, InferenceThreads, KerasPredictor, OnnxPredictor
 from models.onnx_export import PARITY_TOLERANCE, export_onnx, parity_inputs
 from models.phantoms import OTHER_REGIONS, PARTS, draw_phantom
 from tests.models.conftest import build_tiny_bundle
@@ -133,6 +133,51 @@ def test_onnx_predictor_uses_the_given_threads(onnx_bundle):
     predictor = OnnxPredictor(onnx_bundle / entry.onnx.file, InferenceThreads(1, 1))
     options = predictor.session.get_session_options()
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
+
+
+class _CountingOnnx(OnnxPredictor):
+    """The ONNX engine, noting how many images each forward pass gets."""
+
+    def __init__(self, path: Path, threads: InferenceThreads) -> None:
+        super().__init__(path, threads)
+        self.passes: list[int] = []
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.passes.append(len(x))
+        return super().__call__(x)
+
+
+def test_a_batch_runs_in_passes_of_the_engine_size_with_the_same_outputs(onnx_bundle):
+    entry = read_manifest(onnx_bundle).body_part
+    assert entry.onnx is not None
+    x = parity_inputs(entry.spec)[:10]
+    whole = _CountingOnnx(onnx_bundle / entry.onnx.file, InferenceThreads(1, 1, forward_batch=16))
+    on_cpu = _CountingOnnx(onnx_bundle / entry.onnx.file, InferenceThreads(1, 1))
+    three = _CountingOnnx(onnx_bundle / entry.onnx.file, InferenceThreads(1, 1, forward_batch=3))
+    expected = predict_probs(whole, x, batch_size=16)
+    assert whole.passes == [10]
+    # On the CPU, ONNX Runtime's own pass size unless one is set; never above the batch asked for.
+    assert on_cpu.forward_batch == CPU_FORWARD_BATCH["onnx"]
+    np.testing.assert_allclose(
+        predict_probs(on_cpu, x, batch_size=16), expected, atol=PARITY_TOLERANCE
+    )
+    assert on_cpu.passes == [CPU_FORWARD_BATCH["onnx"]] * (10 // CPU_FORWARD_BATCH["onnx"])
+    np.testing.assert_allclose(
+        predict_probs(three, x, batch_size=16), expected, atol=PARITY_TOLERANCE
+    )
+    assert three.passes == [3, 3, 3, 1]
+    three.passes.clear()
+    predict_probs(three, x, batch_size=2)
+    assert three.passes == [2] * 5
+
+
+def test_keras_passes_follow_the_bundle_threads(onnx_bundle):
+    bundle = load_bundle(onnx_bundle, engine="keras")
+    assert bundle.body_part_model.forward_batch == CPU_FORWARD_BATCH["keras"]  # no GPU here
+    model = bundle.body_part_model
+    assert isinstance(model, KerasPredictor)
+    assert KerasPredictor(model.model, forward_batch=2).pass_size(16) == 2
+    assert KerasPredictor(model.model, forward_batch=32).pass_size(16) == 16
 
 
 def test_onnx_engine_never_imports_tensorflow(onnx_bundle):

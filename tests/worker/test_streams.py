@@ -127,6 +127,12 @@ def test_streams_follow_the_settings_and_the_engine(settings, monkeypatch):
     assert (threads.streams, threads.resolved_intra_op()) == (1, 2)
 
 
+def test_forward_batch_setting_reaches_the_engine(settings, monkeypatch):
+    monkeypatch.setenv("BONEWATCH_FORWARD_BATCH", "3")
+    assert serving_threads(Settings()).forward_batch == 3
+    assert serving_threads(settings).forward_batch == 0  # the engine's own choice
+
+
 def test_worker_starts_a_process_per_core_on_onnx_and_one_on_keras(settings, monkeypatch):
     monkeypatch.setattr(engines, "available_cores", lambda: 2)
     demo = settings.model_copy(update={"bundle": DEMO_BUNDLE})  # ships ONNX models
