@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ class InferenceThreads:
             settled by :meth:`for_engine` when a bundle loads.
         forward_batch: The most images one forward pass takes; a claimed batch larger than this
             runs in several passes. 0 means the engine's own choice: on the CPU
-            :data:`CPU_FORWARD_BATCH`, on a GPU the whole batch.
+            :func:`cpu_pass_size`, on a GPU the whole batch.
     """
 
     intra_op: int = 0
@@ -86,11 +87,24 @@ def default_streams(engine: str) -> int:
     return 1
 
 
-# Images per forward pass on the CPU, by engine. A DenseNet121 image at 224 px has about 3 MB of
-# activations in its first blocks, so batches of 16 run out of the cache and wait on memory:
-# two-stage passes on 2 cores ran 12% faster on ONNX Runtime at 1 image per pass (one thread per
-# session) and 26% faster on Keras at 4 (two threads) than at 16 (the README's "Throughput").
-CPU_FORWARD_BATCH = {"keras": 4, "onnx": 1}
+# Input pixels per forward pass on the CPU, by engine. A DenseNet121 image at 224 px has about
+# 3 MB of activations in its first blocks, so batches of 16 run out of the cache and wait on
+# memory: two-stage passes on 2 cores ran 12% faster on ONNX Runtime at 1 image per pass (one
+# thread per session) and 26% faster on Keras at 4 (two threads) than at 16. Small models lose
+# more to the call overhead than they gain, so the budget is in pixels, not images: the demo's
+# 128 px CNN gets 3 and 12 per pass (the README's "Throughput" has the figures).
+CPU_PASS_PIXELS = {"keras": 4 * 224 * 224, "onnx": 224 * 224}
+
+
+def cpu_pass_size(engine: str, input_shape: Sequence[Any]) -> int:
+    """Images per forward pass on the CPU for a model taking ``input_shape`` (N, H, W, C);
+    0 (the whole batch) where the shape's sides are not fixed."""
+    try:
+        pixels = int(input_shape[1]) * int(input_shape[2])
+    except (TypeError, ValueError, IndexError):
+        return 0
+    return max(1, CPU_PASS_PIXELS[engine] // max(1, pixels))
+
 
 _tf_threads: InferenceThreads | None = None
 
@@ -155,7 +169,9 @@ class KerasPredictor(Predictor):
         self.model = model
         self._tf = tf
         on_gpu = bool(tf.config.list_logical_devices("GPU"))
-        self.forward_batch = forward_batch or (0 if on_gpu else CPU_FORWARD_BATCH[self.engine])
+        self.forward_batch = forward_batch or (
+            0 if on_gpu else cpu_pass_size(self.engine, model.input_shape)
+        )
         spec = tf.TensorSpec(model.input_shape, tf.float32)
         # Traced here, once: a concrete function never goes back through tracing.
         self._forward = tf.function(
@@ -191,16 +207,16 @@ class OnnxPredictor(Predictor):
         self.session = ort.InferenceSession(
             str(path), options, providers=_onnx_providers(ort.get_available_providers())
         )
-        on_gpu = self.session.get_providers()[0] != "CPUExecutionProvider"
-        self.forward_batch = threads.forward_batch or (
-            0 if on_gpu else CPU_FORWARD_BATCH[self.engine]
-        )
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise ValueError(f"{path.name} has {len(inputs)} inputs; a bundle model has one")
         self._input = inputs[0].name
         self._output = self.session.get_outputs()[0].name
         self.input_shape = tuple(inputs[0].shape)
+        on_gpu = self.session.get_providers()[0] != "CPUExecutionProvider"
+        self.forward_batch = threads.forward_batch or (
+            0 if on_gpu else cpu_pass_size(self.engine, self.input_shape)
+        )
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(x, dtype=np.float32)

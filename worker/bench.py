@@ -111,7 +111,7 @@ class BenchConfig:
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     inference_streams: int = 0  # 0: the engine's default (models.engines.default_streams)
-    forward_batch: int = 0  # 0: the engine's default (models.engines.CPU_FORWARD_BATCH on a CPU)
+    forward_batch: int = 0  # 0: the engine's default (models.engines.cpu_pass_size on a CPU)
     image_px: int = 512
     seed_style_images: int = 32
     register_files: int = 2000

@@ -15,7 +15,7 @@ import pytest
 from ingest import DecodedImage, ImageMeta
 from models.bundle import BundleError, load_bundle, read_manifest, resolve_engine
 from models.cascade import predict_probs, run_cascade
-from models.engines import CPU_FORWARD_BATCH, InferenceThreads, KerasPredictor, OnnxPredictor
+from models.engines import InferenceThreads, KerasPredictor, OnnxPredictor, cpu_pass_size
 from models.onnx_export import PARITY_TOLERANCE, export_onnx, parity_inputs
 from models.phantoms import OTHER_REGIONS, PARTS, draw_phantom
 from tests.models.conftest import build_tiny_bundle
@@ -157,11 +157,12 @@ def test_a_batch_runs_in_passes_of_the_engine_size_with_the_same_outputs(onnx_bu
     expected = predict_probs(whole, x, batch_size=16)
     assert whole.passes == [10]
     # On the CPU, ONNX Runtime's own pass size unless one is set; never above the batch asked for.
-    assert on_cpu.forward_batch == CPU_FORWARD_BATCH["onnx"]
+    size = cpu_pass_size("onnx", on_cpu.input_shape)
+    assert on_cpu.forward_batch == size >= 1
     np.testing.assert_allclose(
         predict_probs(on_cpu, x, batch_size=16), expected, atol=PARITY_TOLERANCE
     )
-    assert on_cpu.passes == [CPU_FORWARD_BATCH["onnx"]] * (10 // CPU_FORWARD_BATCH["onnx"])
+    assert on_cpu.passes == [min(size, 10 - i) for i in range(0, 10, size)]
     np.testing.assert_allclose(
         predict_probs(three, x, batch_size=16), expected, atol=PARITY_TOLERANCE
     )
@@ -173,11 +174,22 @@ def test_a_batch_runs_in_passes_of_the_engine_size_with_the_same_outputs(onnx_bu
 
 def test_keras_passes_follow_the_bundle_threads(onnx_bundle):
     bundle = load_bundle(onnx_bundle, engine="keras")
-    assert bundle.body_part_model.forward_batch == CPU_FORWARD_BATCH["keras"]  # no GPU here
     model = bundle.body_part_model
     assert isinstance(model, KerasPredictor)
+    assert model.forward_batch == cpu_pass_size("keras", model.model.input_shape)  # no GPU here
     assert KerasPredictor(model.model, forward_batch=2).pass_size(16) == 2
     assert KerasPredictor(model.model, forward_batch=32).pass_size(16) == 16
+
+
+def test_cpu_passes_hold_a_budget_of_pixels():
+    # DenseNet121 at 224 px: one image per ONNX Runtime pass, four per Keras pass
+    assert cpu_pass_size("onnx", (None, 224, 224, 3)) == 1
+    assert cpu_pass_size("keras", ("batch", 224, 224, 3)) == 4
+    # the demo's 128 px CNN: the call overhead matters more, so more images per pass
+    assert cpu_pass_size("onnx", (None, 128, 128, 1)) == 3
+    assert cpu_pass_size("keras", (None, 128, 128, 1)) == 12
+    assert cpu_pass_size("onnx", (None, 1024, 1024, 1)) == 1
+    assert cpu_pass_size("onnx", (None, "h", "w", 1)) == 0  # sides not fixed: the whole batch
 
 
 def test_onnx_engine_never_imports_tensorflow(onnx_bundle):

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ingest import parse_mura_path
-from models.engines import CPU_FORWARD_BATCH, default_streams
+from models.engines import cpu_pass_size, default_streams
 from worker.bench import (
     REPORT_KEYS,
     BenchConfig,
@@ -94,8 +94,9 @@ def test_bench_reports_every_figure(tmp_path):
     # Bare passes and worker runs use each engine's own streams and threads.
     threads = report["threads_by_engine"]
     assert threads["keras"]["streams"] == 1
-    assert threads["keras"]["forward_batch"] == CPU_FORWARD_BATCH["keras"]
-    assert threads["onnx"]["forward_batch"] == CPU_FORWARD_BATCH["onnx"]
+    side = report["input_size"]
+    for name in ("keras", "onnx"):
+        assert threads[name]["forward_batch"] == cpu_pass_size(name, (None, side, side, 1))
     assert threads["onnx"]["streams"] == default_streams("onnx")
     assert threads["onnx"]["intra_op"] * threads["onnx"]["streams"] <= max(
         report["machine"]["cores"], threads["onnx"]["streams"]

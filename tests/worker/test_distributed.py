@@ -376,8 +376,10 @@ def test_kill_9_of_a_pool_child_mid_batch(cluster):
             return all(status != "processing" or who != holder for status, who in rows)
 
         cluster.wait_for(released, "the killed child's rows to be released")
-        again = cluster.query("SELECT attempts FROM images WHERE id = ANY(%s)", victims)
-        if all(a >= 2 for (a,) in again):
+        # Mid-batch, the rows went back unrecorded: queued again, or already claimed a second
+        # time. A kill just after the batch was recorded leaves them finished on attempt 1.
+        again = cluster.query("SELECT status, attempts FROM images WHERE id = ANY(%s)", victims)
+        if all(status == "queued" or a >= 2 for status, a in again):
             caught = victims
             break
     assert caught, "no kill landed in the middle of a batch"
