@@ -144,6 +144,10 @@ class Predictor(ABC):
     engine: str = ""
     forward_batch: int = 0
 
+    def _settle_pass(self, requested: int, on_gpu: bool, input_shape: Sequence[Any]) -> None:
+        """``forward_batch`` from the requested size: 0 = the engine's choice for the device."""
+        self.forward_batch = requested or (0 if on_gpu else cpu_pass_size(self.engine, input_shape))
+
     def pass_size(self, batch_size: int) -> int:
         """Images per call when ``batch_size`` are asked for: the smaller of the two."""
         return min(batch_size, self.forward_batch) if self.forward_batch > 0 else batch_size
@@ -168,9 +172,8 @@ class KerasPredictor(Predictor):
 
         self.model = model
         self._tf = tf
-        on_gpu = bool(tf.config.list_logical_devices("GPU"))
-        self.forward_batch = forward_batch or (
-            0 if on_gpu else cpu_pass_size(self.engine, model.input_shape)
+        self._settle_pass(
+            forward_batch, bool(tf.config.list_logical_devices("GPU")), model.input_shape
         )
         spec = tf.TensorSpec(model.input_shape, tf.float32)
         # Traced here, once: a concrete function never goes back through tracing.
@@ -214,9 +217,7 @@ class OnnxPredictor(Predictor):
         self._output = self.session.get_outputs()[0].name
         self.input_shape = tuple(inputs[0].shape)
         on_gpu = self.session.get_providers()[0] != "CPUExecutionProvider"
-        self.forward_batch = threads.forward_batch or (
-            0 if on_gpu else cpu_pass_size(self.engine, self.input_shape)
-        )
+        self._settle_pass(threads.forward_batch, on_gpu, self.input_shape)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(x, dtype=np.float32)
