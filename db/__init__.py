@@ -3,8 +3,8 @@
 ``db`` imports nothing else from bonewatch and takes and returns plain values.
 """
 
-from db.engine import current_revision, make_engine, upgrade
-from db.ledger import (
+from bonewatch.db.engine import current_revision, make_engine, upgrade
+from bonewatch.db.ledger import (
     ClaimedImage,
     FailureRecord,
     NewImage,
@@ -28,7 +28,7 @@ from db.ledger import (
     retry_delay,
     waiting_images,
 )
-from db.schema import FINAL_STATUSES, QUEUES, STATUSES
+from bonewatch.db.schema import FINAL_STATUSES, QUEUES, STATUSES
 
 __all__ = [
     "FINAL_STATUSES",

@@ -34,9 +34,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from db.engine import write_transaction
-from db.schema import STATUSES, fingerprints, images, study_results, utcnow
-from db.schema import predictions as prediction_table
+from bonewatch.db.engine import write_transaction
+from bonewatch.db.schema import STATUSES, fingerprints, images, study_results, utcnow
+from bonewatch.db.schema import predictions as prediction_table
 
 logger = logging.getLogger(__name__)
 _rng = random.Random()  # backoff jitter; spreads retries of a batch apart

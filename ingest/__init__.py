@@ -3,7 +3,7 @@
 Imports nothing else from bonewatch. ``ingest.dicom`` is the only module that imports pydicom.
 """
 
-from ingest.errors import (
+from bonewatch.ingest.errors import (
     BadFileNameError,
     CorruptFileError,
     EmptyFileError,
@@ -21,12 +21,12 @@ from ingest.errors import (
     UnsupportedPixelFormatError,
     UnsupportedTransferSyntaxError,
 )
-from ingest.mura import MURA_PARTS, parse_mura_path
-from ingest.policy import body_part_hint, check_acceptance
-from ingest.reader import printable_path, read_header, read_image, sha256_file
-from ingest.types import DecodedImage, ImageMeta
-from ingest.watcher import InboxWatcher, is_candidate_name, iter_candidate_files
-from ingest.writers import TRANSFER_SYNTAXES_WRITABLE, make_uid, write_dicom, write_png
+from bonewatch.ingest.mura import MURA_PARTS, parse_mura_path
+from bonewatch.ingest.policy import body_part_hint, check_acceptance
+from bonewatch.ingest.reader import printable_path, read_header, read_image, sha256_file
+from bonewatch.ingest.types import DecodedImage, ImageMeta
+from bonewatch.ingest.watcher import InboxWatcher, is_candidate_name, iter_candidate_files
+from bonewatch.ingest.writers import TRANSFER_SYNTAXES_WRITABLE, make_uid, write_dicom, write_png
 
 __all__ = [
     "MURA_PARTS",

@@ -42,7 +42,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from ingest.errors import (
+from bonewatch.ingest.errors import (
     CorruptFileError,
     IngestError,
     NoPixelDataError,
@@ -51,8 +51,8 @@ from ingest.errors import (
     UnsupportedPixelFormatError,
     UnsupportedTransferSyntaxError,
 )
-from ingest.phi import patient_hash
-from ingest.raster import luminance
+from bonewatch.ingest.phi import patient_hash
+from bonewatch.ingest.raster import luminance
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ _PIXEL_TAG_BYTES = (b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00", b"\xe0\x7f\x10\x00
 # imagecodecs (libjpeg-turbo) is ours, registered below for 12-bit JPEG Extended and JPEG
 # Lossless, where pydicom would otherwise have only GDCM or nothing.
 _DECODER_PREFERENCE = ("pylibjpeg", "pyjpegls", "pydicom", "imagecodecs", "pillow", "gdcm")
-_IMAGECODECS_PLUGIN = ("imagecodecs", ("ingest.dicom_jpeg", "_decode_frame"))
+_IMAGECODECS_PLUGIN = ("imagecodecs", ("bonewatch.ingest.dicom_jpeg", "_decode_frame"))
 _IMAGECODECS_SYNTAXES = (JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1)
 # Encoders by syntax; GDCM's RLE encoder aborts the process on odd widths, so it is never used.
 _ENCODING_PLUGIN = {

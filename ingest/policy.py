@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import re
 
-from ingest.errors import (
+from bonewatch.ingest.errors import (
     UnsupportedBodyPartError,
     UnsupportedModalityError,
     UnsupportedMultiFrameError,
 )
-from ingest.mura import MURA_PARTS
-from ingest.types import ImageMeta
+from bonewatch.ingest.mura import MURA_PARTS
+from bonewatch.ingest.types import ImageMeta
 
 ACCEPTED_MODALITIES: tuple[str, ...] = ("CR", "DX", "RG")
 

@@ -11,7 +11,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ingest.errors import (
+from bonewatch.ingest.errors import (
     CorruptFileError,
     ImageTooLargeError,
     IngestError,

@@ -14,8 +14,8 @@ import stat
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ingest import dicom, raster
-from ingest.errors import (
+from bonewatch.ingest import dicom, raster
+from bonewatch.ingest.errors import (
     BadFileNameError,
     EmptyFileError,
     FileVanishedError,
@@ -23,9 +23,9 @@ from ingest.errors import (
     NotAnImageError,
     UnreadableFileError,
 )
-from ingest.mura import parse_mura_path
-from ingest.phi import patient_hash
-from ingest.types import DecodedImage, ImageMeta
+from bonewatch.ingest.mura import parse_mura_path
+from bonewatch.ingest.phi import patient_hash
+from bonewatch.ingest.types import DecodedImage, ImageMeta
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOI = b"\xff\xd8\xff"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ingest.dicom import TRANSFER_SYNTAXES_WRITABLE, encode_dicom, make_uid
+from bonewatch.ingest.dicom import TRANSFER_SYNTAXES_WRITABLE, encode_dicom, make_uid
 
 __all__ = ["TRANSFER_SYNTAXES_WRITABLE", "make_uid", "write_dicom", "write_png"]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.preprocess import PreprocessSpec
+from bonewatch.models.preprocess import PreprocessSpec
 
 SMALL_CNN = "small_cnn"
 # Layers of a classifier that are not its backbone: pooling, dropout and the head.

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from models.bundle import (
+from bonewatch.models.bundle import (
     OTHER,
     SCHEMA_VERSION,
     Bundle,
@@ -29,9 +29,9 @@ from models.bundle import (
     sha256_of,
     write_manifest,
 )
-from models.cascade import group_by_part, predict_probs
-from models.phantoms import PARTS
-from models.preprocess import preprocess
+from bonewatch.models.cascade import group_by_part, predict_probs
+from bonewatch.models.phantoms import PARTS
+from bonewatch.models.preprocess import preprocess
 
 BENCH_BUNDLE_NAME = "bench-random"
 # Random heads would pick `other` for about one image in eight; a bias this low rules it out, so
@@ -59,7 +59,7 @@ def build_random_bundle(
     """
     import keras
 
-    from models.architectures import build_classifier, default_spec
+    from bonewatch.models.architectures import build_classifier, default_spec
 
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(seed)
@@ -104,7 +104,7 @@ def build_random_bundle(
     }
     write_manifest(out, manifest)
     if onnx:
-        from models.onnx_export import export_onnx
+        from bonewatch.models.onnx_export import export_onnx
 
         export_onnx(out, report=report)
     return out

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from models.engines import (
+from bonewatch.models.engines import (
     AUTO,
     ENGINES,
     InferenceThreads,
@@ -32,7 +32,7 @@ from models.engines import (
     configure_tensorflow_threads,
     onnxruntime_available,
 )
-from models.preprocess import PreprocessSpec
+from bonewatch.models.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ingest import DecodedImage, body_part_hint
-from models.bundle import OTHER, Bundle, Predictor
-from models.preprocess import PreprocessSpec, preprocess, preprocess_batch
+from bonewatch.ingest import DecodedImage, body_part_hint
+from bonewatch.models.bundle import OTHER, Bundle, Predictor
+from bonewatch.models.preprocess import PreprocessSpec, preprocess, preprocess_batch
 
 
 @dataclass(frozen=True)

@@ -21,17 +21,17 @@ from typing import Any
 
 import numpy as np
 
-from models.bundle import Manifest, forget_bundle, load_bundle
-from models.datasets import Sample, kfold_by_patient
-from models.evaluate import (
+from bonewatch.models.bundle import Manifest, forget_bundle, load_bundle
+from bonewatch.models.datasets import Sample, kfold_by_patient
+from bonewatch.models.evaluate import (
     DEFAULT_BOOTSTRAP,
     HEADLINE_METRICS,
     Bootstrap,
     Scored,
     compute_metrics,
 )
-from models.evaluate import evaluate_predictions as _evaluate
-from models.train import TrainConfig, train_bundle
+from bonewatch.models.evaluate import evaluate_predictions as _evaluate
+from bonewatch.models.train import TrainConfig, train_bundle
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score
 
-from ingest import MURA_PARTS, DecodedImage, IngestError, read_image
-from models.bundle import OTHER, Bundle
-from models.cascade import Prediction, run_cascade
-from models.datasets import Sample
+from bonewatch.ingest import MURA_PARTS, DecodedImage, IngestError, read_image
+from bonewatch.models.bundle import OTHER, Bundle
+from bonewatch.models.cascade import Prediction, run_cascade
+from bonewatch.models.datasets import Sample
 
 log = logging.getLogger(__name__)
 

@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ingest import DecodedImage, IngestError, read_image
-from models.bundle import Bundle, load_keras_model
-from models.cascade import run_cascade
-from models.datasets import Sample
-from models.preprocess import preprocess_batch
+from bonewatch.ingest import DecodedImage, IngestError, read_image
+from bonewatch.models.bundle import Bundle, load_keras_model
+from bonewatch.models.cascade import run_cascade
+from bonewatch.models.datasets import Sample
+from bonewatch.models.preprocess import preprocess_batch
 
 log = logging.getLogger(__name__)
 

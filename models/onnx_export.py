@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from models.bundle import (
+from bonewatch.models.bundle import (
     MANIFEST,
     BundleError,
     Manifest,
@@ -33,9 +33,9 @@ from models.bundle import (
     sha256_of,
     write_manifest,
 )
-from models.engines import InferenceThreads, KerasPredictor, OnnxPredictor
-from models.phantoms import OTHER_REGIONS, PARTS, draw_phantom
-from models.preprocess import PreprocessSpec, preprocess_batch
+from bonewatch.models.engines import InferenceThreads, KerasPredictor, OnnxPredictor
+from bonewatch.models.phantoms import OTHER_REGIONS, PARTS, draw_phantom
+from bonewatch.models.preprocess import PreprocessSpec, preprocess_batch
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from ingest import MURA_PARTS, IngestError, read_image
-from models.bundle import Bundle, Manifest
-from models.evaluate import HEADLINE_METRICS, PART_METRICS, Scored, StudyScore, study_scores
+from bonewatch.ingest import MURA_PARTS, IngestError, read_image
+from bonewatch.models.bundle import Bundle, Manifest
+from bonewatch.models.evaluate import HEADLINE_METRICS, PART_METRICS, Scored, StudyScore, study_scores
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def _thumbnail(item: Scored, bundle: Bundle | None, salt: str) -> np.ndarray | N
         return None
     if bundle is None or item.prediction is None:
         return pixels
-    from models.gradcam import explain_images, overlay_heatmap
+    from bonewatch.models.gradcam import explain_images, overlay_heatmap
 
     explanation = explain_images([pixels], [item.prediction.body_part], bundle)[0]
     return overlay_heatmap(pixels, explanation.heatmap)

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from ingest import MURA_PARTS, IngestError, read_image
-from models.architectures import (
+from bonewatch.ingest import MURA_PARTS, IngestError, read_image
+from bonewatch.models.architectures import (
     BACKBONES,
     SMALL_CNN,
     build_classifier,
@@ -39,7 +39,7 @@ from models.architectures import (
     set_trainable,
     weights_source,
 )
-from models.bundle import (
+from bonewatch.models.bundle import (
     OTHER,
     SCHEMA_VERSION,
     forget_bundle,
@@ -47,9 +47,9 @@ from models.bundle import (
     sha256_of,
     write_manifest,
 )
-from models.datasets import Sample, fingerprint, split_by_patient
-from models.evaluate import evaluate_bundle
-from models.preprocess import PreprocessSpec, preprocess
+from bonewatch.models.datasets import Sample, fingerprint, split_by_patient
+from bonewatch.models.evaluate import evaluate_bundle
+from bonewatch.models.preprocess import PreprocessSpec, preprocess
 
 log = logging.getLogger(__name__)
 

@@ -97,7 +97,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def db_engine(db_url: str) -> Iterator[Engine]:
     """An Engine on a database migrated to head, on each dialect; disposed afterwards."""
-    from db import make_engine, upgrade
+    from bonewatch.db import make_engine, upgrade
 
     upgrade(db_url)
     engine = make_engine(db_url)

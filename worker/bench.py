@@ -50,22 +50,22 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Engine
 
-from db import FINAL_STATUSES, count_by_status, make_engine, query_results
-from ingest import iter_candidate_files, read_image, write_png
-from models.benchmark import SeedStyleServer, build_random_bundle, forward_two_stage
-from models.bundle import Bundle, load_bundle, read_manifest, resolve_engine, servable_engines
-from models.engines import (
+from bonewatch.db import FINAL_STATUSES, count_by_status, make_engine, query_results
+from bonewatch.ingest import iter_candidate_files, read_image, write_png
+from bonewatch.models.benchmark import SeedStyleServer, build_random_bundle, forward_two_stage
+from bonewatch.models.bundle import Bundle, load_bundle, read_manifest, resolve_engine, servable_engines
+from bonewatch.models.engines import (
     InferenceThreads,
     available_cores,
     configure_tensorflow_threads,
     default_streams,
     onnxruntime_available,
 )
-from models.phantoms import PARTS, draw_phantom
-from models.preprocess import preprocess_batch
-from worker.pipeline import register_paths
-from worker.runner import open_ledger
-from worker.settings import Settings
+from bonewatch.models.phantoms import PARTS, draw_phantom
+from bonewatch.models.preprocess import preprocess_batch
+from bonewatch.worker.pipeline import register_paths
+from bonewatch.worker.runner import open_ledger
+from bonewatch.worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class ChildRun:
 
 def bonewatch_command(*args: str) -> list[str]:
     """The ``bonewatch`` command line run with this interpreter."""
-    return [sys.executable, "-m", "worker", *args]
+    return [sys.executable, "-m", "bonewatch", *args]
 
 
 def child_env(config: BenchConfig, bundle: Path, **settings: str) -> dict[str, str]:
@@ -414,7 +414,7 @@ def distributed_unavailable(config: BenchConfig) -> str | None:
     """Why the distributed figure cannot be measured here, or None when it can."""
     if config.distributed_workers == 0:
         return "skipped (--distributed-workers 0)"
-    for module in ("worker.celery_app", "worker.distributed"):
+    for module in ("bonewatch.worker.celery_app", "bonewatch.worker.distributed"):
         if importlib.util.find_spec(module) is None:
             return f"distributed mode is not installed ({module} is missing)"
     try:

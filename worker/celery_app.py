@@ -20,8 +20,8 @@ from celery import Celery, Task, signals
 from celery.utils.time import get_exponential_backoff_interval
 from kombu import Exchange, Queue
 
-from worker.pipeline import transient_errors
-from worker.settings import Settings
+from bonewatch.worker.pipeline import transient_errors
+from bonewatch.worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ def create_app(settings: Settings) -> Celery:
         self: Task, image_ids: list[int], handed_over_by: list[str] | None = None
     ) -> int:
         """Claim, decode, predict and record the given images (those still waiting)."""
-        from worker.distributed import run_task
-        from worker.pipeline import worker_id
+        from bonewatch.worker.distributed import run_task
+        from bonewatch.worker.pipeline import worker_id
 
         queue = (self.request.delivery_info or {}).get("routing_key") or "bulk"
         earlier = list(handed_over_by or [])
@@ -113,14 +113,14 @@ def create_app(settings: Settings) -> Celery:
 @signals.worker_process_init.connect(weak=False)
 def _start_child(**_: Any) -> None:
     """In each pool child, after the fork: database engine, decode threads and the bundle."""
-    from worker.distributed import start_child
+    from bonewatch.worker.distributed import start_child
 
     start_child(Settings())
 
 
 @signals.worker_process_shutdown.connect(weak=False)
 def _stop_child(**_: Any) -> None:
-    from worker.distributed import stop_child
+    from bonewatch.worker.distributed import stop_child
 
     stop_child()
 

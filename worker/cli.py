@@ -31,7 +31,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from worker.settings import Settings
+from bonewatch.worker.settings import Settings
 
 app = typer.Typer(
     help="bonewatch: find bone fractures on upper-limb radiographs (DICOM and PNG).",
@@ -126,8 +126,8 @@ def process(
     for `bonewatch worker` processes. Bad files end as `failed`/`unsupported` rows with a reason;
     the exit code is non-zero only when the system itself fails (database, bundle, broker).
     """
-    from db import count_by_status
-    from worker.runner import open_ledger, process_paths
+    from bonewatch.db import count_by_status
+    from bonewatch.worker.runner import open_ledger, process_paths
 
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
@@ -164,8 +164,8 @@ def process(
 
 def _enqueue(paths: list[Path], settings: Settings, *, wait: bool) -> None:
     """``process`` in distributed mode: register, publish on ``bulk``, optionally follow."""
-    from worker.distributed import DistributedError, Publisher
-    from worker.runner import process_paths
+    from bonewatch.worker.distributed import DistributedError, Publisher
+    from bonewatch.worker.runner import process_paths
 
     try:
         publisher = Publisher(settings, "bulk")
@@ -196,8 +196,8 @@ def _follow_ledger(settings: Settings, poll_seconds: float = 1.0) -> None:
     """Show the ledger's progress until nothing is queued or processing any more."""
     import time
 
-    from db import count_by_status
-    from worker.distributed import open_shared_ledger
+    from bonewatch.db import count_by_status
+    from bonewatch.worker.distributed import open_shared_ledger
 
     engine = open_shared_ledger(settings)
     with _progress() as progress:
@@ -230,7 +230,7 @@ def watch(
     ] = None,
 ) -> None:
     """Follow INBOX until Ctrl-C: files already there first, then new ones as they complete."""
-    from worker.runner import watch_inbox
+    from bonewatch.worker.runner import watch_inbox
 
     if not inbox.is_dir():
         _fail(f"inbox {inbox} is not a folder")
@@ -239,7 +239,7 @@ def watch(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     enqueue = None
     if settings.distributed:
-        from worker.distributed import Publisher
+        from bonewatch.worker.distributed import Publisher
 
         enqueue = Publisher(settings, "live")
     try:
@@ -274,7 +274,7 @@ def worker(
     Each process loads the bundle once and takes batches of image ids; the parent also runs
     `reconcile` every BONEWATCH_RECONCILE_INTERVAL seconds.
     """
-    from worker.distributed import DistributedError, parse_queues, run_worker
+    from bonewatch.worker.distributed import DistributedError, parse_queues, run_worker
 
     settings = _settings(bundle=bundle)
     if not settings.distributed:
@@ -298,8 +298,8 @@ def reconcile(
     ),
 ) -> None:
     """Reclaim expired leases and re-publish queued images whose message was lost."""
-    from worker.distributed import DistributedError, open_shared_ledger
-    from worker.distributed import reconcile as run_reconcile
+    from bonewatch.worker.distributed import DistributedError, open_shared_ledger
+    from bonewatch.worker.distributed import reconcile as run_reconcile
 
     settings = _settings()
     if not settings.distributed:
@@ -383,8 +383,8 @@ def results(
     ),
 ) -> None:
     """Query stored results."""
-    from db import query_results, query_studies
-    from worker.runner import open_ledger
+    from bonewatch.db import query_results, query_studies
+    from bonewatch.worker.runner import open_ledger
 
     engine = open_ledger(_settings())
     if since is not None and since.tzinfo is None:
@@ -420,12 +420,12 @@ def status_cmd(
     ),
 ) -> None:
     """Count images by status, check nothing is lost or counted twice, show queue depths."""
-    from worker.runner import ledger_status
+    from bonewatch.worker.runner import ledger_status
 
     try:
         report = ledger_status(_settings())
     except Exception as exc:
-        from worker.distributed import DistributedError
+        from bonewatch.worker.distributed import DistributedError
 
         if isinstance(exc, DistributedError):
             _fail(str(exc))
@@ -455,7 +455,7 @@ def status_cmd(
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the ledger schema to the latest revision."""
-    from db import current_revision, upgrade
+    from bonewatch.db import current_revision, upgrade
 
     url = _settings().resolved_database_url
     if url.startswith("sqlite"):
@@ -475,7 +475,7 @@ def synth(
     split: Annotated[str, typer.Option(help="MURA split folder name.")] = "train",
 ) -> None:
     """Write synthetic phantom studies in MURA layout (PNG and/or DICOM)."""
-    from worker.synth import synthesize
+    from bonewatch.worker.synth import synthesize
 
     with _progress() as progress:
         task = progress.add_task("drawing studies", total=studies)
@@ -571,9 +571,9 @@ def train(
     ] = "Research use: fracture triage on upper-limb radiographs. Not a diagnostic device.",
 ) -> None:
     """Train a two-stage bundle (body part, then a fracture model per part)."""
-    from models.architectures import WeightsError
-    from models.datasets import DatasetError, detect_layout, load_dataset
-    from models.train import TrainConfig, TrainProgress, train_bundle
+    from bonewatch.models.architectures import WeightsError
+    from bonewatch.models.datasets import DatasetError, detect_layout, load_dataset
+    from bonewatch.models.train import TrainConfig, TrainProgress, train_bundle
 
     try:
         found = detect_layout(dataset, labels) if layout == "auto" else layout
@@ -690,10 +690,10 @@ def evaluate(
     ),
 ) -> None:
     """Evaluate a bundle on a labelled dataset: MURA metrics with 95 % bootstrap CIs."""
-    from models.bundle import BundleError, load_bundle
-    from models.datasets import DatasetError, load_dataset
-    from models.evaluate import Bootstrap, evaluate_predictions
-    from worker import reports
+    from bonewatch.models.bundle import BundleError, load_bundle
+    from bonewatch.models.datasets import DatasetError, load_dataset
+    from bonewatch.models.evaluate import Bootstrap, evaluate_predictions
+    from bonewatch.worker import reports
 
     if overrides and folds is None:
         _fail("--set changes the training recipe; it only applies with --folds")
@@ -722,7 +722,7 @@ def evaluate(
             samples, loaded, bootstrap=boot, on_batch=lambda n: progress.advance(task, n)
         )
     if localisation:
-        from models.gradcam import measure_localisation, read_fracture_boxes
+        from bonewatch.models.gradcam import measure_localisation, read_fracture_boxes
 
         boxes = read_fracture_boxes(dataset)
         with _progress() as progress:
@@ -732,7 +732,7 @@ def evaluate(
                 samples, boxes, loaded, on_batch=lambda n: progress.advance(task, n)
             ).to_dict()
     if report_dir is not None:
-        from models.report import write_report
+        from bonewatch.models.report import write_report
 
         index = write_report(
             report_dir,
@@ -764,8 +764,8 @@ def _cross_validate(
     fmt: OutputFormat,
 ) -> None:
     """``evaluate --folds K``: one bundle trained and evaluated per fold."""
-    from models.crossval import cross_validate, parse_overrides
-    from worker import reports
+    from bonewatch.models.crossval import cross_validate, parse_overrides
+    from bonewatch.worker import reports
 
     try:
         changes = parse_overrides(overrides)
@@ -783,7 +783,7 @@ def _cross_validate(
     except ValueError as exc:
         _fail(str(exc))
     if report_dir is not None:
-        from models.report import write_report
+        from bonewatch.models.report import write_report
 
         index = write_report(
             report_dir,
@@ -820,9 +820,9 @@ def explain(
     ),
 ) -> None:
     """Write FILE with the Grad-CAM heatmap of its part's fracture model over it."""
-    from ingest import IngestError
-    from models.bundle import BundleError, load_bundle
-    from worker.heatmaps import ExplainRefused, explain_file
+    from bonewatch.ingest import IngestError
+    from bonewatch.models.bundle import BundleError, load_bundle
+    from bonewatch.worker.heatmaps import ExplainRefused, explain_file
 
     if not file.is_file():
         _fail(f"no such file: {file}")
@@ -856,8 +856,8 @@ def bundle_show(
     ),
 ) -> None:
     """Print a bundle's manifest as a model card."""
-    from models.bundle import BundleError, read_manifest
-    from worker import reports
+    from bonewatch.models.bundle import BundleError, read_manifest
+    from bonewatch.worker import reports
 
     try:
         manifest = read_manifest(bundle_dir)
@@ -881,8 +881,8 @@ def bundle_export_onnx(
     Each export is checked against its Keras model on phantoms and refused if any output
     differs by more than 1e-4.
     """
-    from models.bundle import BundleError
-    from models.onnx_export import export_onnx
+    from bonewatch.models.bundle import BundleError
+    from bonewatch.models.onnx_export import export_onnx
 
     try:
         _, exported = export_onnx(bundle_dir, opset=opset, report=lambda m: err.print(m))
@@ -976,7 +976,7 @@ def bench(
     Builds a randomly initialised two-stage bundle with BACKBONE, writes phantom PNGs and runs
     them through each path on this machine.
     """
-    from worker.bench import BenchConfig, BenchError, run_bench, run_rss_track
+    from bonewatch.worker.bench import BenchConfig, BenchError, run_bench, run_rss_track
 
     config = BenchConfig.from_settings(
         _settings(

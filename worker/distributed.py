@@ -24,7 +24,7 @@ from typing import Any
 from celery import Celery, signals
 from sqlalchemy import Engine
 
-from db import (
+from bonewatch.db import (
     QUEUES,
     claim_images,
     current_revision,
@@ -33,16 +33,16 @@ from db import (
     reclaim_expired,
     waiting_images,
 )
-from models.engines import InferenceThreads, default_streams
-from worker.celery_app import QUEUE_ORDER, TASK_PROCESS, create_app
-from worker.pipeline import (
+from bonewatch.models.engines import InferenceThreads, default_streams
+from bonewatch.worker.celery_app import QUEUE_ORDER, TASK_PROCESS, create_app
+from bonewatch.worker.pipeline import (
     decode_claimed,
     infer_and_record,
     release_dead_local_leases,
     serving_bundle,
     worker_id,
 )
-from worker.settings import Settings
+from bonewatch.worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +317,7 @@ def start_child(settings: Settings) -> None:
     """Set up a pool child: its own engine (never one inherited over fork), decode threads and
     the bundle, loaded once here so that the first task does not pay for it."""
     global _child
-    from models.cascade import input_specs
+    from bonewatch.models.cascade import input_specs
 
     engine = make_engine(settings.resolved_database_url)
     pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="bonewatch-io")
@@ -390,7 +390,7 @@ def worker_processes(settings: Settings, concurrency: int = 0) -> int:
     """Pool processes for ``bonewatch worker``: ``concurrency``, or for 0 as many as the embedded
     worker runs inference streams on the configured bundle's engine (a batch per core on ONNX
     Runtime, one process on Keras)."""
-    from models.bundle import read_manifest, resolve_engine
+    from bonewatch.models.bundle import read_manifest, resolve_engine
 
     manifest = read_manifest(settings.bundle)
     return concurrency or default_streams(resolve_engine(manifest, settings.engine))

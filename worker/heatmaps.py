@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from db import ClaimedImage
-from ingest import DecodedImage, check_acceptance, read_image
-from models.bundle import Bundle
-from models.cascade import Prediction
-from worker.settings import Settings
+from bonewatch.db import ClaimedImage
+from bonewatch.ingest import DecodedImage, check_acceptance, read_image
+from bonewatch.models.bundle import Bundle
+from bonewatch.models.cascade import Prediction
+from bonewatch.worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def store_heatmaps(
     Returns:
         Image id to the heatmap's absolute path.
     """
-    from models.gradcam import explain_images, overlay_heatmap
+    from bonewatch.models.gradcam import explain_images, overlay_heatmap
 
     positives = [
         (claim, image, pred)
@@ -130,8 +130,8 @@ def explain_file(
         ExplainRefused: stage 1 refused the image and no ``part`` was given.
         ValueError: ``part`` has no fracture model in the bundle.
     """
-    from models.cascade import run_cascade
-    from models.gradcam import explain_images, overlay_heatmap
+    from bonewatch.models.cascade import run_cascade
+    from bonewatch.models.gradcam import explain_images, overlay_heatmap
 
     # The PatientID hash is never kept here, so no site salt is needed (nor created).
     image = read_image(

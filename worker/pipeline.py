@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from db import (
+from bonewatch.db import (
     ClaimedImage,
     FailureRecord,
     NewImage,
@@ -33,7 +33,7 @@ from db import (
     release_for_retry,
     release_leases,
 )
-from ingest import (
+from bonewatch.ingest import (
     CorruptFileError,
     DecodedImage,
     FileChangedError,
@@ -47,12 +47,12 @@ from ingest import (
     read_image,
     sha256_file,
 )
-from models.bundle import Bundle, load_bundle
-from models.cascade import Prediction, Preprocessed, prepare_inputs, run_cascade
-from models.engines import InferenceThreads
-from models.preprocess import PreprocessSpec
-from worker.heatmaps import store_heatmaps
-from worker.settings import Settings
+from bonewatch.models.bundle import Bundle, load_bundle
+from bonewatch.models.cascade import Prediction, Preprocessed, prepare_inputs, run_cascade
+from bonewatch.models.engines import InferenceThreads
+from bonewatch.models.preprocess import PreprocessSpec
+from bonewatch.worker.heatmaps import store_heatmaps
+from bonewatch.worker.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from models.bundle import Manifest
+from bonewatch.models.bundle import Manifest
 
 HEADLINE = {
     "body_part_accuracy": "body-part accuracy",

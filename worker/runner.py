@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from db import (
+from bonewatch.db import (
     claim_batch,
     count_by_status,
     ledger_health,
@@ -33,10 +33,10 @@ from db import (
     retry_delay,
     upgrade,
 )
-from ingest import InboxWatcher, iter_candidate_files
-from models.bundle import Bundle
-from models.cascade import input_specs
-from worker.pipeline import (
+from bonewatch.ingest import InboxWatcher, iter_candidate_files
+from bonewatch.models.bundle import Bundle
+from bonewatch.models.cascade import input_specs
+from bonewatch.worker.pipeline import (
     DecodedBatch,
     RegisterSummary,
     decode_claimed,
@@ -48,7 +48,7 @@ from worker.pipeline import (
     transient_errors,
     worker_id,
 )
-from worker.settings import Settings
+from bonewatch.worker.settings import Settings
 
 log = logging.getLogger(__name__)
 _jitter = random.Random()
@@ -272,7 +272,7 @@ def process_paths(
 
 def enqueue_ledger(settings: Settings) -> Engine:
     """The ledger for a process that only registers and enqueues (distributed mode)."""
-    from worker.distributed import open_shared_ledger
+    from bonewatch.worker.distributed import open_shared_ledger
 
     return open_shared_ledger(settings)
 
@@ -290,7 +290,7 @@ def ledger_status(settings: Settings) -> dict[str, Any]:
         queues = None
         health["unpublished"] = None
         if settings.distributed:
-            from worker.distributed import get_app, inspect_broker, lost_messages
+            from bonewatch.worker.distributed import get_app, inspect_broker, lost_messages
 
             view = inspect_broker(get_app(settings), fresh_seconds=settings.reconcile_grace_seconds)
             queues = view.depths

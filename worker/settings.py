@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-import models
+from bonewatch import models
 
 DEMO_BUNDLE = Path(models.__file__).resolve().parent / "bundles" / "demo-phantom"
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ingest import TRANSFER_SYNTAXES_WRITABLE, make_uid, write_dicom, write_png
-from models.phantoms import OTHER_REGIONS, PARTS, draw_phantom
+from bonewatch.ingest import TRANSFER_SYNTAXES_WRITABLE, make_uid, write_dicom, write_png
+from bonewatch.models.phantoms import OTHER_REGIONS, PARTS, draw_phantom
 
 FORMATS = ("png", "dicom", "both")
 _SLOTS = (*PARTS, "OTHER")  # one slot in eight draws a region stage 1 must reject

@@ -9,8 +9,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from db.engine import make_engine
-from db.schema import metadata
+from bonewatch.db.engine import make_engine
+from bonewatch.db.schema import metadata
 
 config = context.config
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, select
 
-from db import make_engine
-from db.engine import write_transaction
-from db.schema import images, utcnow
+from bonewatch.db import make_engine
+from bonewatch.db.engine import write_transaction
+from bonewatch.db.schema import images, utcnow
 
 
 def _sqlite_path(url: str) -> Path:

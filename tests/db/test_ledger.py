@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import Engine, func, select
 
-from db import (
+from bonewatch.db import (
     STATUSES,
     FailureRecord,
     NewImage,
@@ -28,7 +28,7 @@ from db import (
     release_for_retry,
     release_leases,
 )
-from db.schema import images, predictions, utcnow
+from bonewatch.db.schema import images, predictions, utcnow
 
 BUNDLE = "phantom-demo"
 
@@ -601,7 +601,7 @@ def test_a_transient_failure_waits_out_its_backoff(db_engine: Engine) -> None:
 def test_backoff_doubles_up_to_its_cap() -> None:
     import random
 
-    from db.ledger import retry_delay
+    from bonewatch.db.ledger import retry_delay
 
     rng = random.Random(0)
     delays = [retry_delay(a, base=2, cap=60, rng=rng) for a in range(1, 9)]
@@ -680,7 +680,7 @@ def test_a_retried_task_takes_back_its_own_batch_or_one_handed_to_it(db_engine: 
 
 
 def test_ledger_health_counts_expired_leases(db_engine: Engine) -> None:
-    from db import ledger_health
+    from bonewatch.db import ledger_health
 
     a, b = register_images(db_engine, [_new("/in/a.dcm", 1), _new("/in/b.dcm", 2)])
     claim_images(db_engine, [a.image_id], lease_seconds=-1, worker_id="dead")
@@ -694,7 +694,7 @@ def test_ledger_health_counts_expired_leases(db_engine: Engine) -> None:
 
 
 def test_only_one_caller_holds_an_exclusive_name_at_a_time(db_engine: Engine) -> None:
-    from db import exclusive
+    from bonewatch.db import exclusive
 
     with exclusive(db_engine, "reconcile") as first:
         assert first

@@ -8,9 +8,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
-from db import current_revision, make_engine, upgrade
-from db.engine import alembic_config, write_transaction
-from db.schema import metadata
+from bonewatch.db import current_revision, make_engine, upgrade
+from bonewatch.db.engine import alembic_config, write_transaction
+from bonewatch.db.schema import metadata
 
 LEDGER_TABLES = {"images", "fingerprints", "predictions", "study_results"}
 

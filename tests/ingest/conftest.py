@@ -12,7 +12,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from ingest import make_uid, write_dicom, write_png
+from bonewatch.ingest import make_uid, write_dicom, write_png
 
 DicomFactory = Callable[..., Path]
 EditDicom = Callable[[Path, Callable[[Dataset], None]], Path]

@@ -14,7 +14,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
-from ingest import (
+from bonewatch.ingest import (
     CorruptFileError,
     ImageTooLargeError,
     NoPixelDataError,
@@ -25,7 +25,7 @@ from ingest import (
     read_header,
     read_image,
 )
-from ingest.dicom import is_dicom
+from bonewatch.ingest.dicom import is_dicom
 
 RG3_J2KR = get_testdata_file("RG3_J2KR.dcm")
 RG3_UNCR = get_testdata_file("RG3_UNCR.dcm")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1
 
-from ingest import CorruptFileError, read_image
-from ingest.dicom_jpeg import frame_size, is_available
+from bonewatch.ingest import CorruptFileError, read_image
+from bonewatch.ingest.dicom_jpeg import frame_size, is_available
 from tests.ingest.test_dicom_syntaxes import _encapsulated
 
 SALT = "s"

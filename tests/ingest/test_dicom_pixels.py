@@ -16,7 +16,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, generate_uid
 
-from ingest import read_image
+from bonewatch.ingest import read_image
 
 SALT = "s"
 ATOL = 1e-6

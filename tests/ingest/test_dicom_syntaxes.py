@@ -33,7 +33,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from ingest import UnsupportedTransferSyntaxError, read_header, read_image
+from bonewatch.ingest import UnsupportedTransferSyntaxError, read_header, read_image
 
 MR_SMALL = get_testdata_file("MR_small.dcm")  # explicit VR little endian, 16-bit signed
 MR_SMALL_IMPLICIT = get_testdata_file("MR_small_implicit.dcm")

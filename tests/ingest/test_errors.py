@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from ingest import (
+from bonewatch.ingest import (
     CorruptFileError,
     IngestError,
     NoPixelDataError,
     UnsupportedMultiFrameError,
 )
-from ingest.errors import printable
+from bonewatch.ingest.errors import printable
 
 
 def test_reasons_quoting_damaged_values_become_storable_text() -> None:

@@ -34,7 +34,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
 )
 
-from ingest import (
+from bonewatch.ingest import (
     TRANSFER_SYNTAXES_WRITABLE,
     DecodedImage,
     IngestError,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest import MURA_PARTS, parse_mura_path
+from bonewatch.ingest import MURA_PARTS, parse_mura_path
 
 
 def test_parts_are_the_seven_upper_limb_parts() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydicom.data import get_testdata_file
 
-from ingest import (
+from bonewatch.ingest import (
     ImageMeta,
     UnsupportedBodyPartError,
     UnsupportedModalityError,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ingest import (
+from bonewatch.ingest import (
     CorruptFileError,
     ImageTooLargeError,
     TruncatedFileError,

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import ingest.reader
-from ingest import (
+import bonewatch.ingest.reader as reader_module
+from bonewatch.ingest import (
     BadFileNameError,
     EmptyFileError,
     FileVanishedError,
@@ -102,7 +102,7 @@ def test_permission_denied_even_for_root_without_its_override(make_png) -> None:
     path.chmod(0)
     script = (
         "import sys\n"
-        "from ingest import read_header, IngestError\n"
+        "from bonewatch.ingest import read_header, IngestError\n"
         "try:\n"
         "    read_header(sys.argv[1], salt='s')\n"
         "except IngestError as exc:\n"
@@ -115,7 +115,7 @@ def test_permission_denied_even_for_root_without_its_override(make_png) -> None:
             capture_output=True,
             text=True,
             timeout=120,
-            cwd=Path(ingest.reader.__file__).parents[1],
+            cwd=Path(reader_module.__file__).parents[1],
         )
     except subprocess.SubprocessError as exc:
         pytest.skip(f"cannot drop root's file capabilities here: {exc}")
@@ -222,8 +222,8 @@ class _FailingFile(io.FileIO):
 def test_io_errors_stay_oserror(monkeypatch, make_png, make_dicom, kind, fail_from) -> None:
     path = make_png() if kind == "png" else make_dicom()
     # A small buffer makes pydicom's reads past the 132-byte preamble reach the file itself.
-    monkeypatch.setattr(ingest.reader, "_CHUNK", 16)
-    monkeypatch.setattr(ingest.reader, "_open_raw", lambda p: _FailingFile(p, fail_from))
+    monkeypatch.setattr(reader_module, "_CHUNK", 16)
+    monkeypatch.setattr(reader_module, "_open_raw", lambda p: _FailingFile(p, fail_from))
     with pytest.raises(OSError) as info:
         read_header(path, salt=SALT)
     assert info.value.errno == errno.EIO

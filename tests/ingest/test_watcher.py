@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.watcher import InboxWatcher, is_candidate_name, iter_candidate_files
+from bonewatch.ingest.watcher import InboxWatcher, is_candidate_name, iter_candidate_files
 
 SETTLE = 0.3  # short settle period: the tests wait on it many times
 WAIT = 10.0  # upper bound for anything that should happen within a second or two

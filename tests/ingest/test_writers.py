@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from pydicom.uid import UID
 
-from ingest import (
+from bonewatch.ingest import (
     TRANSFER_SYNTAXES_WRITABLE,
     make_uid,
     read_header,

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ingest import MURA_PARTS
-from models.bundle import OTHER, SCHEMA_VERSION, sha256_of, write_manifest
+from bonewatch.ingest import MURA_PARTS
+from bonewatch.models.bundle import OTHER, SCHEMA_VERSION, sha256_of, write_manifest
 
 SPEC = {"input_size": 16, "channels": 1, "normalization": "unit"}
 LABELS = [*MURA_PARTS, OTHER]

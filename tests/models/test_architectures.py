@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.architectures import (
+from bonewatch.models.architectures import (
     APPLICATIONS,
     BACKBONES,
     WeightsError,

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from ingest import MURA_PARTS
-from models.bundle import BundleError, forget_bundle, load_bundle, read_manifest, write_manifest
+from bonewatch.ingest import MURA_PARTS
+from bonewatch.models.bundle import BundleError, forget_bundle, load_bundle, read_manifest, write_manifest
 from tests.models.conftest import build_tiny_bundle
 
 
@@ -40,7 +40,7 @@ def test_not_a_bundle(tmp_path):
 
 
 def test_shipped_demo_bundle_says_it_is_not_for_clinical_use():
-    from worker.settings import DEMO_BUNDLE
+    from bonewatch.worker.settings import DEMO_BUNDLE
 
     manifest = read_manifest(DEMO_BUNDLE)
     assert "not for clinical use" in manifest.intended_use.lower()
@@ -67,7 +67,7 @@ def test_manifest_is_replaced_whole(tmp_path):
 
 
 def test_threads_after_tensorflow_started_keep_the_running_pools(tiny_bundle):
-    from models.engines import InferenceThreads
+    from bonewatch.models.engines import InferenceThreads
 
     load_bundle(tiny_bundle)  # TensorFlow is running from here on
     forget_bundle(tiny_bundle)
@@ -77,8 +77,8 @@ def test_threads_after_tensorflow_started_keep_the_running_pools(tiny_bundle):
 
 
 def test_warm_up_runs_every_model_once_per_batch_size(tiny_bundle):
-    from models.bundle import Bundle
-    from models.engines import Predictor
+    from bonewatch.models.bundle import Bundle
+    from bonewatch.models.engines import Predictor
 
     loaded = load_bundle(tiny_bundle, engine="keras")
     calls: list[tuple[str, tuple[int, ...]]] = []

@@ -1,8 +1,8 @@
 import numpy as np
 
-from ingest import DecodedImage, ImageMeta
-from models.bundle import load_bundle
-from models.cascade import run_cascade
+from bonewatch.ingest import DecodedImage, ImageMeta
+from bonewatch.models.bundle import load_bundle
+from bonewatch.models.cascade import run_cascade
 
 
 def _image(value: float, body_part: str | None = None) -> DecodedImage:
@@ -64,7 +64,7 @@ def test_empty_batch(tiny_bundle):
 
 
 def test_inputs_prepared_ahead_give_the_same_predictions(tiny_bundle):
-    from models.cascade import Preprocessed, input_specs, prepare_inputs
+    from bonewatch.models.cascade import Preprocessed, input_specs, prepare_inputs
 
     bundle = load_bundle(tiny_bundle)
     images = [_image(v) for v in (1.0, 0.0, 0.9, 0.7)]

@@ -8,9 +8,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from models.crossval import fold_config, parse_overrides, summarise_folds
-from models.evaluate import HEADLINE_METRICS
-from models.train import TrainConfig
+from bonewatch.models.crossval import fold_config, parse_overrides, summarise_folds
+from bonewatch.models.evaluate import HEADLINE_METRICS
+from bonewatch.models.train import TrainConfig
 
 
 def test_fold_recipe_moves_the_test_share_to_training():
@@ -55,11 +55,11 @@ def test_summary_is_the_mean_and_a_t_interval_over_folds():
 
 @pytest.mark.slow
 def test_evaluate_folds_trains_per_fold_and_keeps_the_json_contract(tmp_path, monkeypatch):
-    from models.bundle import read_manifest, write_manifest
-    from models.datasets import load_dataset
+    from bonewatch.models.bundle import read_manifest, write_manifest
+    from bonewatch.models.datasets import load_dataset
     from tests.models.conftest import build_tiny_bundle
-    from worker.cli import app
-    from worker.synth import synthesize
+    from bonewatch.worker.cli import app
+    from bonewatch.worker.synth import synthesize
 
     synthesize(tmp_path / "ph", studies=40, fmt="png", seed=21, size=64)
     samples = load_dataset(tmp_path / "ph")

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest import make_uid, write_dicom, write_png
-from models.datasets import (
+from bonewatch.ingest import make_uid, write_dicom, write_png
+from bonewatch.models.datasets import (
     DatasetError,
     Sample,
     detect_layout,

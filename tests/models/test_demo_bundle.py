@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from models.bundle import load_bundle
-from models.datasets import load_dataset
-from models.evaluate import evaluate_bundle
-from worker.settings import DEMO_BUNDLE
+from bonewatch.models.bundle import load_bundle
+from bonewatch.models.datasets import load_dataset
+from bonewatch.models.evaluate import evaluate_bundle
+from bonewatch.worker.settings import DEMO_BUNDLE
 
 UNSEEN_SEED = 424242
 
 
 @pytest.mark.slow
 def test_demo_bundle_meets_its_accuracy_targets(tmp_path):
-    from worker.synth import synthesize
+    from bonewatch.worker.synth import synthesize
 
     synthesize(tmp_path / "heldout", studies=240, fmt="both", seed=UNSEEN_SEED)
     bundle = load_bundle(DEMO_BUNDLE)

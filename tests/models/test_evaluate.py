@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-from ingest import write_png
-from models.bundle import load_bundle
-from models.cascade import Prediction
-from models.datasets import Sample, load_dataset
-from models.evaluate import (
+from bonewatch.ingest import write_png
+from bonewatch.models.bundle import load_bundle
+from bonewatch.models.cascade import Prediction
+from bonewatch.models.datasets import Sample, load_dataset
+from bonewatch.models.evaluate import (
     HEADLINE_METRICS,
     PART_METRICS,
     Bootstrap,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ingest import write_png
-from models.bundle import load_bundle
-from models.datasets import load_dataset
-from models.gradcam import (
+from bonewatch.ingest import write_png
+from bonewatch.models.bundle import load_bundle
+from bonewatch.models.datasets import load_dataset
+from bonewatch.models.gradcam import (
     cam_layer,
     cam_to_image,
     content_box,
@@ -19,7 +19,7 @@ from models.gradcam import (
     peak_in_box,
     read_fracture_boxes,
 )
-from models.preprocess import fit_square
+from bonewatch.models.preprocess import fit_square
 from tests.models.tiny_conv import build_spot_bundle, spot_image, spot_model
 
 # A seed the demo bundle never saw (it was trained on seed 1; other tests use 424242 and 90210).
@@ -124,7 +124,7 @@ def test_peak_in_box_allows_ten_percent_more_width_and_height():
 def test_synth_records_fracture_boxes_inside_the_image(tmp_path):
     from PIL import Image
 
-    from worker.synth import synthesize
+    from bonewatch.worker.synth import synthesize
 
     summary = synthesize(tmp_path / "ph", studies=16, fmt="png", seed=3, size=96)
     boxes = read_fracture_boxes(tmp_path / "ph")
@@ -164,8 +164,8 @@ def test_measure_localisation_counts_hits_refusals_and_parts(tmp_path, spot_bund
 
 @pytest.mark.slow
 def test_demo_bundle_heatmap_peaks_inside_most_fracture_boxes(tmp_path):
-    from worker.settings import DEMO_BUNDLE
-    from worker.synth import synthesize
+    from bonewatch.worker.settings import DEMO_BUNDLE
+    from bonewatch.worker.synth import synthesize
 
     synthesize(tmp_path / "heldout", studies=160, fmt="both", seed=LOCALISATION_SEED)
     boxes = read_fracture_boxes(tmp_path / "heldout")

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ingest import DecodedImage, ImageMeta
-from models.bundle import BundleError, load_bundle, read_manifest, resolve_engine
-from models.cascade import predict_probs, run_cascade
-from models.engines import InferenceThreads, KerasPredictor, OnnxPredictor, cpu_pass_size
-from models.onnx_export import PARITY_TOLERANCE, export_onnx, parity_inputs
-from models.phantoms import OTHER_REGIONS, PARTS, draw_phantom
+from bonewatch.ingest import DecodedImage, ImageMeta
+from bonewatch.models.bundle import BundleError, load_bundle, read_manifest, resolve_engine
+from bonewatch.models.cascade import predict_probs, run_cascade
+from bonewatch.models.engines import InferenceThreads, KerasPredictor, OnnxPredictor, cpu_pass_size
+from bonewatch.models.onnx_export import PARITY_TOLERANCE, export_onnx, parity_inputs
+from bonewatch.models.phantoms import OTHER_REGIONS, PARTS, draw_phantom
 from tests.models.conftest import build_tiny_bundle
 
 pytest.importorskip("onnxruntime")
@@ -120,7 +120,7 @@ def test_tampered_onnx_model_is_refused(tmp_path, onnx_bundle):
 def test_an_export_that_disagrees_is_not_added(tmp_path, monkeypatch):
     root = build_tiny_bundle(tmp_path / "b")
     before = (root / "manifest.json").read_text()
-    monkeypatch.setattr("models.onnx_export.max_output_difference", lambda a, b: 0.5)
+    monkeypatch.setattr("bonewatch.models.onnx_export.max_output_difference", lambda a, b: 0.5)
     with pytest.raises(BundleError, match="differs from the Keras model"):
         export_onnx(root)
     assert (root / "manifest.json").read_text() == before
@@ -196,7 +196,7 @@ def test_onnx_engine_never_imports_tensorflow(onnx_bundle):
     code = (
         "import sys\n"
         "import numpy as np\n"
-        "from models.bundle import load_bundle\n"
+        "from bonewatch.models.bundle import load_bundle\n"
         f"b = load_bundle({str(onnx_bundle)!r}, engine='onnx')\n"
         "out = b.body_part_model(np.zeros((2, 16, 16, 1), np.float32))\n"
         "assert out.shape == (2, 8), out.shape\n"
@@ -211,7 +211,7 @@ def test_onnx_engine_never_imports_tensorflow(onnx_bundle):
 
 @pytest.mark.slow
 def test_demo_bundle_engines_agree_on_unseen_phantoms(tmp_path):
-    from worker.settings import DEMO_BUNDLE
+    from bonewatch.worker.settings import DEMO_BUNDLE
 
     root = tmp_path / "demo"
     shutil.copytree(DEMO_BUNDLE, root)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.phantoms import OTHER_REGIONS, PARTS, Phantom, draw_phantom
+from bonewatch.models.phantoms import OTHER_REGIONS, PARTS, Phantom, draw_phantom
 
 REGIONS = PARTS + OTHER_REGIONS
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from models.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, preprocess
+from bonewatch.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, preprocess
 
 
 def test_output_shape_and_dtype_follow_the_spec():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ingest import write_png
-from models.evaluate import Bootstrap, compute_metrics
-from models.report import confident_errors, manifest_history, write_report
+from bonewatch.ingest import write_png
+from bonewatch.models.evaluate import Bootstrap, compute_metrics
+from bonewatch.models.report import confident_errors, manifest_history, write_report
 from tests.models.conftest import LABELS
 from tests.models.test_evaluate import scored
 
@@ -80,7 +80,7 @@ def test_report_without_training_curves_says_so(tmp_path, predictions):
 
 
 def test_manifest_history_reads_the_recorded_curves(tiny_bundle):
-    from models.bundle import Manifest, read_manifest
+    from bonewatch.models.bundle import Manifest, read_manifest
 
     manifest = read_manifest(tiny_bundle)
     assert manifest_history(manifest) is None

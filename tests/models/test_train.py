@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ingest import read_image, write_png
-from models.bundle import load_bundle, read_manifest
-from models.datasets import Sample, load_dataset
-from models.evaluate import HEADLINE_METRICS
-from models.preprocess import PreprocessSpec, preprocess
-from models.train import (
+from bonewatch.ingest import read_image, write_png
+from bonewatch.models.bundle import load_bundle, read_manifest
+from bonewatch.models.datasets import Sample, load_dataset
+from bonewatch.models.evaluate import HEADLINE_METRICS
+from bonewatch.models.preprocess import PreprocessSpec, preprocess
+from bonewatch.models.train import (
     THRESHOLD_RULE,
     ImageStore,
     TrainConfig,
@@ -169,17 +169,17 @@ def test_the_cache_is_a_file_on_disk_with_the_same_tensors(tmp_path):
 
 
 def test_streaming_reads_images_as_batches_are_asked_for(tmp_path, monkeypatch):
-    import models.train
+    from bonewatch.models import train as train_module
 
     samples = _png_samples(tmp_path, 200)
     reads: list[Path] = []
-    real = models.train.read_image
+    real = train_module.read_image
 
     def counting(path, **kwargs):
         reads.append(path)
         return real(path, **kwargs)
 
-    monkeypatch.setattr(models.train, "read_image", counting)
+    monkeypatch.setattr(train_module, "read_image", counting)
     ds = ImageStore(samples, SPEC, salt="t").dataset(range(200), np.zeros(200), batch_size=4)
     first = next(iter(ds))
     assert first[0].shape == (4, 8, 8, 1)
@@ -195,7 +195,7 @@ TINY = TrainConfig(
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory):
-    from worker.synth import synthesize
+    from bonewatch.worker.synth import synthesize
 
     root = tmp_path_factory.mktemp("phantoms") / "ph"
     synthesize(root, studies=64, fmt="png", seed=11, size=128)

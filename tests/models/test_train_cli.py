@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from worker.cli import app
+from bonewatch.worker.cli import app
 
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory):
-    from worker.synth import synthesize
+    from bonewatch.worker.synth import synthesize
 
     root = tmp_path_factory.mktemp("cli-phantoms") / "ph"
     synthesize(root, studies=24, fmt="png", seed=5, size=64)

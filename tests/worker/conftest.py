@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.models.conftest import build_tiny_bundle
-from worker.settings import Settings
+from bonewatch.worker.settings import Settings
 
 
 @pytest.fixture(scope="session")

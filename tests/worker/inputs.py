@@ -27,7 +27,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from ingest import TRANSFER_SYNTAXES_WRITABLE, make_uid, write_dicom, write_png
+from bonewatch.ingest import TRANSFER_SYNTAXES_WRITABLE, make_uid, write_dicom, write_png
 
 PATIENT_ID = "PID-8675309"
 PATIENT_NAME = "Doe^Jane"

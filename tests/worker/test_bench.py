@@ -9,9 +9,9 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from ingest import parse_mura_path
-from models.engines import cpu_pass_size, default_streams
-from worker.bench import (
+from bonewatch.ingest import parse_mura_path
+from bonewatch.models.engines import cpu_pass_size, default_streams
+from bonewatch.worker.bench import (
     REPORT_KEYS,
     BenchConfig,
     distributed_unavailable,
@@ -20,7 +20,7 @@ from worker.bench import (
     run_rss_track,
     write_phantoms,
 )
-from worker.cli import app
+from bonewatch.worker.cli import app
 
 pytest.importorskip("onnxruntime")
 
@@ -153,7 +153,7 @@ def test_rss_track_samples_memory_against_images_done(tmp_path):
 
 @pytest.mark.slow
 def test_distributed_figure_through_celery(tmp_path, pg_url, redis_url):
-    pytest.importorskip("worker.distributed")
+    pytest.importorskip("bonewatch.worker.distributed")
     config = BenchConfig(
         images=8,
         backbone="small_cnn",

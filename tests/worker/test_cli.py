@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ingest import write_png
-from worker.cli import app
+from bonewatch.ingest import write_png
+from bonewatch.worker.cli import app
 
 RESULT_KEYS = {
     "path",

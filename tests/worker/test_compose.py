@@ -13,8 +13,8 @@ import pytest
 import typer.main
 import yaml
 
-from worker.cli import app
-from worker.settings import Settings
+from bonewatch.worker.cli import app
+from bonewatch.worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,7 +63,7 @@ def test_each_command_is_one_the_cli_accepts(compose, service, command):
     ctx = _parse(argv)
     assert ctx.info_name == command
     if service == "worker":
-        from worker.distributed import parse_queues
+        from bonewatch.worker.distributed import parse_queues
 
         assert parse_queues(ctx.params["queues"]) == ["live", "bulk"]
         assert ctx.params["concurrency"] >= 1

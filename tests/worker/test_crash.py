@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ingest import write_png
-from worker.runner import process_paths
-from worker.settings import Settings
+from bonewatch.ingest import write_png
+from bonewatch.worker.runner import process_paths
+from bonewatch.worker.settings import Settings
 
 N_FILES = 240
 
@@ -51,7 +51,7 @@ def test_kill_9_mid_run_then_rerun_records_every_image_once(tmp_path, tiny_bundl
     }
     db_file = data_dir / "bonewatch.sqlite"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker", "process", str(inbox)],
+        [sys.executable, "-m", "bonewatch", "process", str(inbox)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

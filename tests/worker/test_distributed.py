@@ -22,10 +22,10 @@ import psycopg
 import pytest
 import redis
 
-from db import upgrade
-from ingest import write_png
+from bonewatch.db import upgrade
+from bonewatch.ingest import write_png
 from tests.conftest import _empty_pg_database
-from worker.settings import Settings
+from bonewatch.worker.settings import Settings
 
 pytestmark = pytest.mark.services
 
@@ -81,7 +81,7 @@ class Cluster:
     def spawn(self, *args: str, log: str, **env: str) -> subprocess.Popen[bytes]:
         out = self.root / log
         proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", *args],
+            [sys.executable, "-m", "bonewatch", *args],
             env={**self.env, **env},
             stdout=out.open("ab"),
             stderr=subprocess.STDOUT,
@@ -102,7 +102,7 @@ class Cluster:
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [sys.executable, "-m", "worker", *args],
+            [sys.executable, "-m", "bonewatch", *args],
             env=self.env,
             capture_output=True,
             text=True,
@@ -199,14 +199,14 @@ def make_inbox(root: Path, n: int, *, size: int = 256, seed: int = 0) -> Path:
 
 def test_the_parent_process_never_imports_tensorflow():
     code = (
-        "import sys, worker.cli, worker.celery_app, worker.distributed;"
+        "import sys, bonewatch.worker.cli, bonewatch.worker.celery_app, bonewatch.worker.distributed;"
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_celery_is_configured_for_at_least_once_delivery_and_live_first():
-    from worker.celery_app import celery_config
+    from bonewatch.worker.celery_app import celery_config
 
     conf = celery_config(Settings(broker_url="redis://127.0.0.1:6379/0", lease_seconds=120))
     assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
@@ -220,7 +220,7 @@ def test_celery_is_configured_for_at_least_once_delivery_and_live_first():
 
 
 def test_queues_are_consumed_live_first_whatever_the_order_typed():
-    from worker.distributed import DistributedError, parse_queues
+    from bonewatch.worker.distributed import DistributedError, parse_queues
 
     assert parse_queues("bulk,live") == ["live", "bulk"]
     assert parse_queues(" bulk ") == ["bulk"]
@@ -237,7 +237,7 @@ def test_a_bare_postgresql_url_uses_psycopg_3():
 
 
 def _queued_rows(pg_url: str, n: int) -> list[int]:
-    from db import NewImage, make_engine, register_images
+    from bonewatch.db import NewImage, make_engine, register_images
 
     engine = make_engine(pg_url)
     try:
@@ -255,7 +255,7 @@ def ledger(pg_url: str) -> str:
 
 
 def test_the_broker_view_lists_the_ids_inside_waiting_messages(ledger, redis_url):
-    from worker.distributed import get_app, inspect_broker, publish
+    from bonewatch.worker.distributed import get_app, inspect_broker, publish
 
     settings = Settings(broker_url=redis_url, database_url=ledger)
     app = get_app(settings)
@@ -267,8 +267,8 @@ def test_the_broker_view_lists_the_ids_inside_waiting_messages(ledger, redis_url
 
 
 def test_reconcile_republishes_only_rows_whose_message_is_gone(ledger, redis_url):
-    from db import make_engine
-    from worker.distributed import get_app, inspect_broker, publish, reconcile
+    from bonewatch.db import make_engine
+    from bonewatch.worker.distributed import get_app, inspect_broker, publish, reconcile
 
     settings = Settings(broker_url=redis_url, database_url=ledger, reconcile_grace_seconds=0)
     app = get_app(settings)
@@ -291,7 +291,7 @@ def test_reconcile_republishes_only_rows_whose_message_is_gone(ledger, redis_url
 def test_a_message_delivered_long_ago_whose_row_still_waits_is_lost(ledger, redis_url):
     """A worker that took a message and died leaves it in Redis' unacked set; it must not hide
     the row from reconcile until the visibility timeout, an hour later."""
-    from worker.distributed import get_app, inspect_broker, publish
+    from bonewatch.worker.distributed import get_app, inspect_broker, publish
 
     settings = Settings(broker_url=redis_url, database_url=ledger)
     app = get_app(settings)
@@ -310,7 +310,7 @@ def test_commands_that_need_a_broker_say_so(tmp_path):
     env["BONEWATCH_DATA_DIR"] = str(tmp_path)
     for command in ("worker", "reconcile"):
         result = subprocess.run(
-            [sys.executable, "-m", "worker", command], env=env, capture_output=True, text=True
+            [sys.executable, "-m", "bonewatch", command], env=env, capture_output=True, text=True
         )
         assert result.returncode == 2
         assert "BONEWATCH_BROKER_URL" in result.stderr
@@ -321,7 +321,7 @@ def test_process_refuses_a_ledger_that_was_never_migrated(tmp_path, pg_url, redi
     (tmp_path / "a.png").write_bytes(b"")
     env = {**os.environ, "BONEWATCH_BROKER_URL": redis_url, "BONEWATCH_DATABASE_URL": pg_url}
     result = subprocess.run(
-        [sys.executable, "-m", "worker", "process", str(tmp_path / "a.png")],
+        [sys.executable, "-m", "bonewatch", "process", str(tmp_path / "a.png")],
         env=env,
         capture_output=True,
         text=True,
@@ -508,8 +508,8 @@ def amqp_url() -> Iterator[str]:
 
 def test_on_amqp_reconcile_waits_for_an_empty_queue(ledger, amqp_url):
     """RabbitMQ cannot list messages: a queued row counts as lost only once its queue is empty."""
-    from db import make_engine
-    from worker.distributed import get_app, inspect_broker, publish, reconcile
+    from bonewatch.db import make_engine
+    from bonewatch.worker.distributed import get_app, inspect_broker, publish, reconcile
 
     settings = Settings(broker_url=amqp_url, database_url=ledger, reconcile_grace_seconds=0)
     app = get_app(settings)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ingest import write_png
-from models.bundle import write_manifest
-from models.evaluate import HEADLINE_METRICS, PART_METRICS
+from bonewatch.ingest import write_png
+from bonewatch.models.bundle import write_manifest
+from bonewatch.models.evaluate import HEADLINE_METRICS, PART_METRICS
 from tests.models.conftest import build_tiny_bundle
-from worker.cli import app
+from bonewatch.worker.cli import app
 
 CONTRACT = {
     "body_part_accuracy",
@@ -81,7 +81,7 @@ def test_evaluate_refuses_option_mixes(cli, dataset):
 
 
 def test_evaluate_localisation_on_phantoms(cli, tmp_path):
-    from worker.synth import synthesize
+    from bonewatch.worker.synth import synthesize
 
     synthesize(tmp_path / "ph", studies=8, fmt="png", seed=4, size=64)
     result = cli("evaluate", str(tmp_path / "ph"), "--localisation", "--format", "json")

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from ingest import make_uid, write_dicom, write_png
+from bonewatch.ingest import make_uid, write_dicom, write_png
 from tests.models.tiny_conv import build_spot_bundle, spot_image
-from worker.cli import app
+from bonewatch.worker.cli import app
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from db import query_results
-from ingest import write_png
+from bonewatch.db import query_results
+from bonewatch.ingest import write_png
 from tests.models.tiny_conv import build_spot_bundle, spot_image
-from worker.cli import app
-from worker.runner import open_ledger, process_paths
-from worker.settings import Settings
+from bonewatch.worker.cli import app
+from bonewatch.worker.runner import open_ledger, process_paths
+from bonewatch.worker.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +75,12 @@ def test_without_the_switch_no_heatmaps_are_made(tmp_path, spot_bundle_dir):
 
 
 def test_a_failing_heatmap_costs_only_the_heatmap(tmp_path, spot_bundle_dir, monkeypatch):
-    import models.gradcam
+    from bonewatch.models import gradcam
 
     def broken(*args, **kwargs):
         raise RuntimeError("no gradients today")
 
-    monkeypatch.setattr(models.gradcam, "explain_images", broken)
+    monkeypatch.setattr(gradcam, "explain_images", broken)
     _inbox(tmp_path / "inbox")
     settings = Settings(
         data_dir=tmp_path / "data", bundle=spot_bundle_dir, phi_salt="s", heatmaps=True

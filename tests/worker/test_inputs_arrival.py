@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from db import count_by_status, query_results
-from ingest import write_png
-from models.bundle import load_bundle
+from bonewatch.db import count_by_status, query_results
+from bonewatch.ingest import write_png
+from bonewatch.models.bundle import load_bundle
 from tests.worker.conftest import wait_for
-from worker.pipeline import register_paths
-from worker.runner import drain, open_ledger, process_paths, watch_inbox
+from bonewatch.worker.pipeline import register_paths
+from bonewatch.worker.runner import drain, open_ledger, process_paths, watch_inbox
 
 
 def _png_bytes(value: float, side: int = 64) -> bytes:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-import ingest.reader
-from db import count_by_status, query_results
+import bonewatch.ingest.reader as reader_module
+from bonewatch.db import count_by_status, query_results
 from tests.worker.inputs import PATIENT_ID, PATIENT_NAME, make_every_input
-from worker.runner import open_ledger, process_paths
+from bonewatch.worker.runner import open_ledger, process_paths
 
 PHI = ("8675309", "Doe", "Jane")
 
@@ -39,7 +39,7 @@ def deny_reading(monkeypatch: pytest.MonkeyPatch, *denied: Path) -> None:
 
     shim = types.SimpleNamespace(**{name: getattr(io, name) for name in dir(io)})
     shim.FileIO = _DeniedFileIO
-    monkeypatch.setattr(ingest.reader, "io", shim)
+    monkeypatch.setattr(reader_module, "io", shim)
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, int, int]]:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from db import query_results
-from ingest import write_png
+from bonewatch.db import query_results
+from bonewatch.ingest import write_png
 from tests.worker.conftest import wait_for
-from worker.pipeline import quarantine_finished
-from worker.runner import open_ledger, process_paths, watch_inbox
+from bonewatch.worker.pipeline import quarantine_finished
+from bonewatch.worker.runner import open_ledger, process_paths, watch_inbox
 
 BRIGHT = np.full((40, 40), 0.9, np.float32)  # the tiny bundle: ELBOW, done
 DARK = np.zeros((40, 40), np.float32)  # the tiny bundle: other, unsupported
@@ -140,7 +140,7 @@ def test_watch_moves_refused_and_finished_files_when_opted_in(tmp_path, settings
 
 
 def test_quarantine_is_off_unless_asked_for(monkeypatch, tmp_path):
-    from worker.settings import Settings
+    from bonewatch.worker.settings import Settings
 
     assert Settings(data_dir=tmp_path).quarantine is False
     monkeypatch.setenv("BONEWATCH_QUARANTINE", "true")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-import worker.pipeline as pipeline
-from db import query_results
-from ingest import write_png
-from worker.runner import open_ledger, process_paths
+import bonewatch.worker.pipeline as pipeline
+from bonewatch.db import query_results
+from bonewatch.ingest import write_png
+from bonewatch.worker.runner import open_ledger, process_paths
 
 
 def _count_reads(monkeypatch, eio_for: set[str] = frozenset()) -> dict[str, list[float]]:

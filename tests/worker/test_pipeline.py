@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from db import count_by_status, query_results, query_studies
-from ingest import write_dicom, write_png
-from worker.runner import open_ledger, process_paths
+from bonewatch.db import count_by_status, query_results, query_studies
+from bonewatch.ingest import write_dicom, write_png
+from bonewatch.worker.runner import open_ledger, process_paths
 
 RG3_J2KR = get_testdata_file("RG3_J2KR.dcm")
 RG1_J2KR = get_testdata_file("RG1_J2KR.dcm")
@@ -207,7 +207,7 @@ def _inject_faults(
 ) -> None:
     """Make the pipeline's ``reader`` raise ``error(path)`` for the named files, as many times
     as ``faults`` says (a dict the test may change later, as a share coming back)."""
-    import worker.pipeline as pipeline
+    import bonewatch.worker.pipeline as pipeline
 
     real = getattr(pipeline, reader)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from db import query_results
-from ingest import write_png
+from bonewatch.db import query_results
+from bonewatch.ingest import write_png
 from tests.worker.conftest import wait_for
-from worker.runner import open_ledger, watch_inbox
+from bonewatch.worker.runner import open_ledger, watch_inbox
 
 
 def test_watch_takes_existing_and_new_files_once(tmp_path, settings):

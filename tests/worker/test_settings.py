@@ -5,7 +5,7 @@ from __future__ import annotations
 import stat
 import threading
 
-from worker.settings import Settings
+from bonewatch.worker.settings import Settings
 
 
 def test_environment_overrides(monkeypatch, tmp_path):

@@ -10,16 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import models.engines as engines
-import worker.runner as runner
-from db import count_by_status, query_results, release_leases
-from ingest import write_png
-from models.bundle import read_manifest, resolve_engine
-from models.engines import InferenceThreads, default_streams
-from worker.distributed import child_threads, worker_processes
-from worker.pipeline import inference_streams, limit_malloc_arenas, serving_threads, worker_id
-from worker.runner import open_ledger, process_paths
-from worker.settings import DEMO_BUNDLE, Settings
+import bonewatch.models.engines as engines
+import bonewatch.worker.runner as runner
+from bonewatch.db import count_by_status, query_results, release_leases
+from bonewatch.ingest import write_png
+from bonewatch.models.bundle import read_manifest, resolve_engine
+from bonewatch.models.engines import InferenceThreads, default_streams
+from bonewatch.worker.distributed import child_threads, worker_processes
+from bonewatch.worker.pipeline import inference_streams, limit_malloc_arenas, serving_threads, worker_id
+from bonewatch.worker.runner import open_ledger, process_paths
+from bonewatch.worker.settings import DEMO_BUNDLE, Settings
 
 
 def _inbox(root: Path, count: int) -> Path:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest import read_header, read_image
-from models.datasets import load_dataset
-from worker.synth import synthesize
+from bonewatch.ingest import read_header, read_image
+from bonewatch.models.datasets import load_dataset
+from bonewatch.worker.synth import synthesize
 
 
 def _digest(root: Path) -> dict[str, str]:

@@ -1,0 +1,5 @@
+"""``python -m bonewatch`` runs the ``bonewatch`` command line."""
+
+from bonewatch.worker.cli import app
+
+app(prog_name="bonewatch")
