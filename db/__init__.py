@@ -1,33 +1,38 @@
 """The ledger: SQLAlchemy schema, Alembic migrations, and reading and writing results.
 
-``db`` imports nothing else from bonewatch and takes and returns plain values.
+``db`` imports nothing else from bonewatch and takes and returns plain values. By domain:
+``records`` (the values), ``registration``, ``leases`` (claims and retries), ``results``,
+``queries``, ``backoff`` (the retry delay), ``engine`` and ``schema``.
 """
 
-from bonewatch.db.engine import current_revision, make_engine, upgrade
-from bonewatch.db.ledger import (
+from bonewatch.db.backoff import retry_delay
+from bonewatch.db.engine import create_database, current_revision, make_engine, upgrade
+from bonewatch.db.leases import (
+    claim_batch,
+    claim_images,
+    exclusive,
+    lease_holders,
+    next_retry_at,
+    reclaim_expired,
+    release_for_retry,
+    release_leases,
+)
+from bonewatch.db.queries import (
+    count_by_status,
+    ledger_health,
+    query_results,
+    query_studies,
+    waiting_images,
+)
+from bonewatch.db.records import (
     ClaimedImage,
     FailureRecord,
     NewImage,
     PredictionRecord,
     Registered,
-    claim_batch,
-    claim_images,
-    count_by_status,
-    exclusive,
-    lease_holders,
-    ledger_health,
-    next_retry_at,
-    query_results,
-    query_studies,
-    queued_ids,
-    reclaim_expired,
-    record_results,
-    register_images,
-    release_for_retry,
-    release_leases,
-    retry_delay,
-    waiting_images,
 )
+from bonewatch.db.registration import register_images
+from bonewatch.db.results import record_results
 from bonewatch.db.schema import FINAL_STATUSES, QUEUES, STATUSES
 
 __all__ = [
@@ -42,20 +47,20 @@ __all__ = [
     "claim_batch",
     "claim_images",
     "count_by_status",
-    "exclusive",
-    "ledger_health",
+    "create_database",
     "current_revision",
+    "exclusive",
+    "lease_holders",
+    "ledger_health",
     "make_engine",
+    "next_retry_at",
     "query_results",
     "query_studies",
-    "queued_ids",
-    "lease_holders",
-    "next_retry_at",
     "reclaim_expired",
-    "release_leases",
     "record_results",
     "register_images",
     "release_for_retry",
+    "release_leases",
     "retry_delay",
     "upgrade",
     "waiting_images",

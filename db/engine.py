@@ -9,6 +9,7 @@ the write lock up front instead of failing to upgrade a read snapshot half-way t
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -16,8 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +28,11 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Execution option read by the begin hook: this transaction will write.
 _WRITE_OPTION = "bonewatch_write"
+# A database name create_database accepts: PostgreSQL's 63-byte identifier limit, no oddities.
+_DATABASE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,62}")
+# SQLSTATEs of a CREATE DATABASE that lost a race to another creator: duplicate database, or,
+# past PostgreSQL's friendly check, the unique index on pg_database.datname.
+_LOST_THE_RACE = ("42P04", "23505")
 
 
 def _sqlite_file(url: str) -> Path | None:
@@ -33,6 +41,13 @@ def _sqlite_file(url: str) -> Path | None:
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
     return Path(database)
+
+
+def _make_sqlite_folder(url: str) -> None:
+    """Create the folder of a SQLite URL's database file (none for in-memory databases)."""
+    db_file = _sqlite_file(url)
+    if db_file is not None:
+        db_file.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _enable_wal(cursor: Any) -> None:
@@ -82,15 +97,66 @@ def make_engine(url: str) -> Engine:
     """
     sa_url = make_url(url)
     if sa_url.get_backend_name() == "sqlite":
-        db_file = _sqlite_file(url)
-        if db_file is not None:
-            db_file.parent.mkdir(parents=True, exist_ok=True)
+        _make_sqlite_folder(url)
         engine = create_engine(sa_url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", _on_sqlite_connect)
         event.listen(engine, "begin", _on_sqlite_begin)
         return engine
     # Long-lived workers outlive server restarts and idle timeouts; check connections on checkout.
     return create_engine(sa_url, pool_pre_ping=True)
+
+
+def create_database(url: str) -> bool:
+    """Make sure the database of ``url`` exists on its server, before migrating it.
+
+    PostgreSQL: connects to the server's ``postgres`` maintenance database (same host and
+    credentials) and creates the URL's database unless it is there. SQLite: creates the folder
+    of the file, which SQLite then creates on first connection.
+
+    Returns:
+        True if this call created a PostgreSQL database; False if it was there already (or
+        another caller created it at the same moment), and always for SQLite.
+
+    Raises:
+        ValueError: the URL names no database, one that is not letters, digits, ``_`` and ``-``
+            (at most 63), or a backend other than SQLite and PostgreSQL.
+        sqlalchemy.exc.DBAPIError: the server does not answer (OperationalError), or refuses
+            the creation (ProgrammingError, for a role without CREATEDB).
+    """
+    sa_url = make_url(url)
+    backend = sa_url.get_backend_name()
+    if backend == "sqlite":
+        _make_sqlite_folder(url)
+        return False
+    if backend != "postgresql":
+        raise ValueError(f"the ledger supports sqlite and postgresql, not {backend}")
+    name = sa_url.database
+    if not name or not _DATABASE_NAME.fullmatch(name):
+        raise ValueError(
+            f"database name {name!r} must be 1 to 63 letters, digits, '_' or '-' "
+            "(not starting with '-')"
+        )
+    admin = create_engine(
+        sa_url.set(database="postgres"), isolation_level="AUTOCOMMIT", poolclass=NullPool
+    )
+    try:
+        with admin.connect() as conn:
+            there = text("SELECT 1 FROM pg_database WHERE datname = :name")
+            if conn.execute(there, {"name": name}).first() is not None:
+                return False
+            quoted = conn.dialect.identifier_preparer.quote_identifier(name)
+            try:
+                conn.execute(text(f"CREATE DATABASE {quoted}"))
+            except DBAPIError as exc:
+                # psycopg 3 names it sqlstate, psycopg2 pgcode
+                code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+                if code in _LOST_THE_RACE:
+                    return False
+                raise
+    finally:
+        admin.dispose()
+    logger.info("created database %s", sa_url.render_as_string())
+    return True
 
 
 @contextmanager

@@ -1,14 +1,15 @@
-"""Tests for db/engine.py: engine configuration per dialect."""
+"""Tests for db/engine.py: engine configuration per dialect, and creating the database."""
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, create_engine, make_url, select, text
 
-from bonewatch.db import make_engine
+from bonewatch.db import create_database, make_engine
 from bonewatch.db.engine import write_transaction
 from bonewatch.db.schema import images, utcnow
 
@@ -117,3 +118,73 @@ def test_postgres_engine_connects(pg_url: str) -> None:
             assert conn.exec_driver_sql("SELECT 1").scalar() == 1
     finally:
         engine.dispose()
+
+
+def _drop_database(pg_url: str, name: str) -> None:
+    admin = create_engine(make_url(pg_url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            quoted = conn.dialect.identifier_preparer.quote_identifier(name)
+            conn.execute(text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
+    finally:
+        admin.dispose()
+
+
+@pytest.mark.services
+def test_create_database_creates_a_missing_postgres_database_once(pg_url: str) -> None:
+    # Capitals and a hyphen: the name must be quoted to come out as written.
+    name = f"{make_url(pg_url).database}_New-db"
+    url = make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        assert create_database(url) is True
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT current_database()")).scalar() == name
+        finally:
+            engine.dispose()
+        assert create_database(url) is False
+    finally:
+        _drop_database(pg_url, name)
+
+
+@pytest.mark.services
+def test_concurrent_creators_agree_that_one_created_it(pg_url: str) -> None:
+    name = f"{make_url(pg_url).database}_raced"
+    url = make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+    start = threading.Barrier(4)
+    outcomes: list[bool | BaseException] = []
+
+    def create() -> None:
+        start.wait()
+        try:
+            outcomes.append(create_database(url))
+        except BaseException as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(outcomes, key=str) == [False, False, False, True]
+    finally:
+        _drop_database(pg_url, name)
+
+
+@pytest.mark.parametrize(
+    "name", ["", 'x"; DROP DATABASE postgres; --', "-leading-hyphen", "a" * 64, "with space"]
+)
+def test_create_database_refuses_odd_names_before_connecting(name: str) -> None:
+    # Port 9 (discard) has no server: a name refused here never reaches one.
+    url = make_url("postgresql+psycopg://postgres@127.0.0.1:9/x").set(database=name)
+    with pytest.raises(ValueError, match="database name"):
+        create_database(url.render_as_string(hide_password=False))
+
+
+def test_create_database_on_sqlite_makes_the_folder(sqlite_url: str) -> None:
+    path = _sqlite_path(sqlite_url)
+    assert create_database(sqlite_url) is False
+    assert path.parent.is_dir() and not path.exists()
+    assert create_database("sqlite://") is False

@@ -1,4 +1,4 @@
-"""Tests for db/ledger.py, on SQLite and on PostgreSQL."""
+"""Tests for the ledger (registration, leases, results, queries), on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from bonewatch.db import (
     next_retry_at,
     query_results,
     query_studies,
-    queued_ids,
     reclaim_expired,
     record_results,
     register_images,
@@ -464,21 +463,6 @@ def test_count_by_status_includes_zeros(db_engine: Engine) -> None:
     assert counts["queued"] == 1 and counts["duplicate"] == 1 and counts["done"] == 0
 
 
-def test_queued_ids_pages_by_id_and_queue(db_engine: Engine) -> None:
-    regs = register_images(
-        db_engine,
-        [_new(f"/in/{n}.dcm", n, queue="bulk" if n % 2 else "live") for n in range(6)],
-    )
-    ids = sorted(r.image_id for r in regs)
-    assert queued_ids(db_engine) == ids
-    assert queued_ids(db_engine, limit=2) == ids[:2]
-    assert queued_ids(db_engine, after_id=ids[2]) == ids[3:]
-    bulk = sorted(r.image_id for r, n in zip(regs, range(6), strict=True) if n % 2)
-    assert queued_ids(db_engine, queue="bulk") == bulk
-    claim_batch(db_engine, limit=1, lease_seconds=60, worker_id="w", queues=["bulk"])
-    assert queued_ids(db_engine, queue="bulk") == bulk[1:]
-
-
 def test_query_results_filters(db_engine: Engine) -> None:
     regs = register_images(
         db_engine,
@@ -598,10 +582,33 @@ def test_a_transient_failure_waits_out_its_backoff(db_engine: Engine) -> None:
     assert again.attempts == 2
 
 
+def test_the_callers_backoff_cap_bounds_the_scheduled_retry(db_engine: Engine) -> None:
+    # A cap set by the caller (BONEWATCH_RETRY_BACKOFF_MAX) bounds retry_after itself: the jitter
+    # used to add up to 25 % on top of it.
+    regs = register_images(db_engine, [_new(f"/in/{n}.dcm", n) for n in range(20)])
+    _claim_all(db_engine)
+    before = utcnow()
+    release_for_retry(
+        db_engine,
+        [r.image_id for r in regs],
+        error_class="OSError",
+        reason="EIO",
+        max_attempts=5,
+        backoff_seconds=30,
+        backoff_cap_seconds=5,
+    )
+    released = utcnow()
+    with db_engine.connect() as conn:
+        waits = list(conn.scalars(select(images.c.retry_after)))
+    assert len(waits) == 20
+    assert all(w is not None and w <= released + timedelta(seconds=5) for w in waits)
+    assert all(w is not None and w >= before + timedelta(seconds=3.75) for w in waits)
+
+
 def test_backoff_doubles_up_to_its_cap() -> None:
     import random
 
-    from bonewatch.db.ledger import retry_delay
+    from bonewatch.db import retry_delay
 
     rng = random.Random(0)
     delays = [retry_delay(a, base=2, cap=60, rng=rng) for a in range(1, 9)]

@@ -1,0 +1,270 @@
+"""Registering files in the ledger: idempotent inserts and deduplication by fingerprint."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Insert,
+    and_,
+    bindparam,
+    exists,
+    false,
+    or_,
+    select,
+    update,
+)
+
+from bonewatch.db._sql import check_choice, chunks, insert, update_each
+from bonewatch.db.engine import write_transaction
+from bonewatch.db.records import NewImage, Registered, image_values
+from bonewatch.db.schema import fingerprints, images, utcnow
+
+logger = logging.getLogger(__name__)
+
+# Failures that say nothing about the file itself; seeing the file again retries it.
+# A file that kept killing its workers (LeaseExpired, WorkerDied) is not retried this way.
+RETRYABLE_ERRORS = ("TransientIOError",)
+
+
+def _fingerprint_values(item: NewImage) -> list[tuple[str, str]]:
+    values: list[tuple[str, str]] = []
+    if item.sha256:
+        values.append(("sha256", item.sha256))
+    if item.sop_instance_uid:
+        sop = item.sop_instance_uid
+        if item.frame_number is not None:
+            sop = f"{sop}#{item.frame_number}"
+        values.append(("sop", sop))
+    return values
+
+
+def register_images(engine: Engine, items: Sequence[NewImage]) -> list[Registered]:
+    """Register files in the ledger, idempotently, marking copies as duplicates.
+
+    A file already registered at the same path with the same sha256 keeps its row
+    (``created=False``). A new row whose sha256, or SOPInstanceUID (plus frame), already belongs
+    to another image gets status ``duplicate`` and ``duplicate_of`` that image. Ownership of a
+    fingerprint is decided by a unique key with insert-or-ignore, so concurrent registrants agree.
+
+    Returns:
+        One ``Registered`` per item, in the order given.
+    """
+    for item in items:
+        check_choice(item.queue, ("live", "bulk"), "queue")
+        check_choice(item.status, ("queued", "failed", "unsupported"), "registration status")
+    if not items:
+        return []
+    now = utcnow()
+    # Same key twice in one batch is still one row. Inserting in key order means two concurrent
+    # batches take their unique-index locks in the same order and cannot deadlock each other.
+    unique: dict[tuple[str, str | None], NewImage] = {}
+    for item in items:
+        unique.setdefault((item.path, item.sha256), item)
+    ordered = sorted(unique.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))
+
+    with write_transaction(engine) as conn:
+        created_ids: dict[tuple[str, str | None], int] = {}
+        for chunk in chunks(ordered):
+            rows = [
+                {
+                    **image_values(item),
+                    "attempts": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                    "finished_at": now if item.status != "queued" else None,
+                }
+                for _key, item in chunk
+            ]
+            stmt: Insert = insert(conn, images).on_conflict_do_nothing()
+            for row in conn.execute(
+                stmt.returning(images.c.id, images.c.path, images.c.sha256), rows
+            ):
+                created_ids[(row.path, row.sha256)] = row.id
+
+        _mark_duplicates(conn, unique, created_ids, now)
+        requeued = _requeue_retryable(conn, unique, created_ids, now)
+
+        # Read every row back (new and old) for its final status.
+        by_key: dict[tuple[str, str | None], Any] = {}
+        paths = sorted({key[0] for key in unique})
+        for chunk in chunks(paths):
+            for row in conn.execute(
+                select(
+                    images.c.id,
+                    images.c.path,
+                    images.c.sha256,
+                    images.c.status,
+                    images.c.duplicate_of,
+                ).where(images.c.path.in_(chunk))
+            ):
+                by_key[(row.path, row.sha256)] = row
+
+    result: list[Registered] = []
+    for item in items:
+        key = (item.path, item.sha256)
+        row = by_key[key]
+        result.append(
+            Registered(
+                image_id=row.id,
+                status=row.status,
+                duplicate_of=row.duplicate_of,
+                created=key in created_ids,
+                requeued=row.id in requeued,
+            )
+        )
+    n_new = len(created_ids)
+    n_dup = sum(1 for r in result if r.created and r.status == "duplicate")
+    logger.debug("registered %d items: %d new, %d duplicates", len(items), n_new, n_dup)
+    return result
+
+
+def _owned_elsewhere(item: NewImage) -> Any:
+    """SQL: one of ``item``'s fingerprints belongs to an image other than the row at hand."""
+    pairs = [
+        and_(fingerprints.c.kind == kind, fingerprints.c.value == value)
+        for kind, value in _fingerprint_values(item)
+    ]
+    if not pairs:
+        return false()
+    return exists().where(or_(*pairs), fingerprints.c.image_id != images.c.id)
+
+
+def _requeue_retryable(
+    conn: Connection,
+    unique: dict[tuple[str, str | None], NewImage],
+    created_ids: dict[tuple[str, str | None], int],
+    now: datetime,
+) -> set[int]:
+    """Queue again known files whose earlier attempts failed for reasons outside the file (a
+    share that was down, workers that died): registering them again is the user's retry."""
+    keys = [k for k, item in unique.items() if k not in created_ids and item.status == "queued"]
+    ids: set[int] = set()
+    for chunk in chunks(sorted(keys, key=lambda k: (k[0], k[1] or ""))):
+        for key in chunk:
+            path, sha = key
+            match = and_(
+                images.c.path == path,
+                images.c.sha256.is_(None) if sha is None else images.c.sha256 == sha,
+                images.c.status == "failed",
+                images.c.error_class.in_(RETRYABLE_ERRORS),
+                # A copy that took over its fingerprints meanwhile is the one to process.
+                ~_owned_elsewhere(unique[key]),
+            )
+            for row in conn.execute(
+                update(images)
+                .where(match)
+                .values(
+                    status="queued",
+                    queue=unique[key].queue,
+                    attempts=0,
+                    error_class=None,
+                    reason=None,
+                    retry_after=None,
+                    finished_at=None,
+                    updated_at=now,
+                )
+                .returning(images.c.id)
+            ):
+                ids.add(row.id)
+    return ids
+
+
+def _mark_duplicates(
+    conn: Connection,
+    unique: dict[tuple[str, str | None], NewImage],
+    created_ids: dict[tuple[str, str | None], int],
+    now: datetime,
+) -> None:
+    """Claim fingerprints for new rows; rows whose fingerprint another image owns are duplicates."""
+    if not created_ids:
+        return
+    wanted: dict[tuple[str, str], int] = {}
+    # Lowest id first, so within one batch the first-inserted row owns the fingerprint.
+    for key, image_id in sorted(created_ids.items(), key=lambda kv: kv[1]):
+        for fp in _fingerprint_values(unique[key]):
+            wanted.setdefault(fp, image_id)
+    if not wanted:
+        return
+    fp_rows = [
+        {"kind": kind, "value": value, "image_id": image_id}
+        for (kind, value), image_id in sorted(wanted.items())
+    ]
+    for chunk in chunks(fp_rows):
+        conn.execute(insert(conn, fingerprints).on_conflict_do_nothing(), list(chunk))
+
+    owners: dict[tuple[str, str], tuple[int, int | None]] = {}
+    failed_owners: dict[tuple[str, str], int] = {}
+    for kind in ("sha256", "sop"):
+        values = sorted(v for k, v in wanted if k == kind)
+        for chunk in chunks(values):
+            rows = conn.execute(
+                select(
+                    fingerprints.c.value,
+                    fingerprints.c.image_id,
+                    images.c.duplicate_of,
+                    images.c.status,
+                )
+                .join(images, images.c.id == fingerprints.c.image_id)
+                .where(fingerprints.c.kind == kind, fingerprints.c.value.in_(chunk))
+            )
+            for row in rows:
+                owners[(kind, row.value)] = (row.image_id, row.duplicate_of)
+                if row.status == "failed":
+                    failed_owners[(kind, row.value)] = row.image_id
+
+    # A re-send of an image whose earlier copy failed (truncated transfer, read error) is the
+    # one to process, not a duplicate of the failure: the fingerprint moves to the new row.
+    # The conditional update makes two concurrent re-sends agree on a single new owner.
+    for fp, old_owner in sorted(failed_owners.items()):
+        new_owner = wanted[fp]
+        if new_owner == old_owner:
+            continue
+        moved = conn.execute(
+            update(fingerprints)
+            .where(
+                fingerprints.c.kind == fp[0],
+                fingerprints.c.value == fp[1],
+                fingerprints.c.image_id == old_owner,
+            )
+            .values(image_id=new_owner)
+        )
+        if moved.rowcount == 1:
+            owners[fp] = (new_owner, None)
+        else:  # a concurrent re-send took it first: point at that one, not at the failure
+            current = conn.execute(
+                select(fingerprints.c.image_id).where(
+                    fingerprints.c.kind == fp[0], fingerprints.c.value == fp[1]
+                )
+            ).scalar_one()
+            owners[fp] = (current, None)
+
+    updates: list[dict[str, Any]] = []
+    for key, image_id in created_ids.items():
+        # A byte-identical copy is the stronger evidence, so sha256 is checked before SOP.
+        for fp in _fingerprint_values(unique[key]):
+            owner, owner_original = owners[fp]
+            if owner != image_id:
+                updates.append(
+                    {
+                        "b_id": image_id,
+                        # Point at the original, not at another duplicate.
+                        "b_original": owner_original or owner,
+                        "b_reason": f"same {fp[0]} as image {owner_original or owner}",
+                    }
+                )
+                break
+    update_each(
+        conn,
+        updates,
+        status="duplicate",
+        duplicate_of=bindparam("b_original"),
+        reason=bindparam("b_reason"),
+        finished_at=now,
+        updated_at=now,
+    )
