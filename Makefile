@@ -28,10 +28,16 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
 
+# mypy cannot follow setuptools' package-dir mapping, so it checks the installed layout through
+# a tree of links (build/typecheck/bonewatch/{ingest,models,...} -> the top-level folders).
+PACKAGES := ingest models db worker bench
 lint: $(VENV)/.installed-test
-	$(BIN)/python -m ruff check ingest models db worker tests
-	$(BIN)/python -m ruff format --check ingest models db worker tests
-	$(BIN)/python -m mypy ingest models db worker
+	$(BIN)/python -m ruff check bonewatch $(PACKAGES) tests
+	$(BIN)/python -m ruff format --check bonewatch $(PACKAGES) tests
+	rm -rf build/typecheck && mkdir -p build/typecheck/bonewatch
+	cp bonewatch/*.py build/typecheck/bonewatch/
+	for p in $(PACKAGES); do ln -s ../../../$$p build/typecheck/bonewatch/$$p; done
+	cd build/typecheck && ../../$(BIN)/python -m mypy --config-file ../../pyproject.toml -p bonewatch
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .pytest_cache

@@ -1,7 +1,8 @@
 """bonewatch: finds bone fractures on upper-limb radiographs (DICOM and PNG).
 
 The installed package maps the repository's top-level folders to subpackages:
-``bonewatch.ingest``, ``bonewatch.models``, ``bonewatch.db`` and ``bonewatch.worker``.
+``bonewatch.ingest``, ``bonewatch.models``, ``bonewatch.db``, ``bonewatch.worker`` and
+``bonewatch.bench``.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -153,6 +153,13 @@ def _application_features(
     return base.output
 
 
+def set_random_seed(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow, so the next models built start from the same weights."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+
+
 def build_classifier(
     backbone: str,
     spec: PreprocessSpec,

@@ -33,7 +33,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bonewatch.ingest import MURA_PARTS, ImageMeta, IngestError, body_part_hint, parse_mura_path, read_header
+from bonewatch.ingest import (
+    MURA_PARTS,
+    ImageMeta,
+    IngestError,
+    body_part_hint,
+    parse_mura_path,
+    read_header,
+)
 from bonewatch.models.bundle import OTHER
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,13 @@ from sklearn.metrics import roc_curve
 
 from bonewatch.ingest import MURA_PARTS, IngestError, read_image
 from bonewatch.models.bundle import Bundle, Manifest
-from bonewatch.models.evaluate import HEADLINE_METRICS, PART_METRICS, Scored, StudyScore, study_scores
+from bonewatch.models.evaluate import (
+    HEADLINE_METRICS,
+    PART_METRICS,
+    Scored,
+    StudyScore,
+    study_scores,
+)
 
 log = logging.getLogger(__name__)
 

@@ -32,12 +32,9 @@ from sklearn.metrics import roc_curve
 
 from bonewatch.ingest import MURA_PARTS, IngestError, read_image
 from bonewatch.models.architectures import (
-    BACKBONES,
-    SMALL_CNN,
     build_classifier,
     default_spec,
     set_trainable,
-    weights_source,
 )
 from bonewatch.models.bundle import (
     OTHER,
@@ -50,6 +47,7 @@ from bonewatch.models.bundle import (
 from bonewatch.models.datasets import Sample, fingerprint, split_by_patient
 from bonewatch.models.evaluate import evaluate_bundle
 from bonewatch.models.preprocess import PreprocessSpec, preprocess
+from bonewatch.models.recipe import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,85 +56,12 @@ THRESHOLD_RULE = (
     "youden: the study-score threshold on validation patients that maximises "
     "sensitivity + specificity - 1 (ties: the one nearest 0.5)"
 )
-AUGMENTS = ("none", "flip", "full")
 WORK_DIR = "work"
 SEED_NOTE = (
     "keras.utils.set_random_seed(seed) seeds Python, NumPy and TensorFlow before training; the "
     "patient split uses the same seed. Parallel CPU/GPU kernels are not bit-deterministic, so a "
     "rerun gives close, not identical, weights."
 )
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides a training run (recorded in the manifest).
-
-    Attributes:
-        backbone: ``small_cnn`` or a ``keras.applications`` backbone (see ``BACKBONES``).
-        input_size: Side of the square model input.
-        epochs: Stage-1 (body part) epochs.
-        fracture_epochs: Epochs of the fracture model shared by every part.
-        part_epochs: Fine-tuning epochs of each part's fracture model.
-        batch_size: Images per training step.
-        learning_rate: Rate of training from scratch and of a pretrained model's frozen phase.
-        patience: Epochs without a better validation score before a phase stops (the rate
-            halves after half as many).
-        seed: Seeds the patient split, weight initialisation, shuffling and augmentation.
-        fractions: Train / validation / held-out test shares of the patients.
-        confidence_floor: Stage-1 probability under which an image is unsupported.
-        width: Filters of the small CNN's first block.
-        augment: ``none``; ``flip``; or ``full``: flips, rotation, zoom and brightness.
-        weights: Initial backbone weights: None (random), ``imagenet`` or a local file.
-        freeze_epochs: With pretrained weights, the first epochs of stage 1 and of the shared
-            fracture model train the head only, the backbone frozen.
-        fine_tune_layers: Then the backbone's top N layers train too (-1: all of them).
-        fine_tune_lr: Rate of everything that starts from learned weights: the fine-tuning
-            phase and each part's model; ``learning_rate / 5`` when None.
-        class_weights: Weigh classes inversely to their frequency in the loss.
-        cache_gb: Largest disk cache of preprocessed images; a bigger set is read from its files
-            every epoch (0: never cache).
-    """
-
-    backbone: str = SMALL_CNN
-    input_size: int = 128
-    epochs: int = 15
-    fracture_epochs: int = 40
-    part_epochs: int = 10
-    batch_size: int = 32
-    learning_rate: float = 2e-3
-    patience: int = 8
-    seed: int = 0
-    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    confidence_floor: float = 0.7
-    width: int = 16
-    augment: str = "flip"
-    weights: str | None = None
-    freeze_epochs: int = 3
-    fine_tune_layers: int = 40
-    fine_tune_lr: float | None = None
-    class_weights: bool = True
-    cache_gb: float = 8.0
-
-    def __post_init__(self) -> None:
-        # Configs come back from manifests as JSON: lists for tuples, "none" for no weights.
-        object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))
-        object.__setattr__(self, "weights", weights_source(self.weights))
-        if self.backbone not in BACKBONES:
-            raise ValueError(
-                f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}"
-            )
-        if self.augment not in AUGMENTS:
-            raise ValueError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
-        if self.backbone == SMALL_CNN and self.weights is not None:
-            raise ValueError("small_cnn has no pretrained weights; use --weights none")
-        if min(self.epochs, self.fracture_epochs, self.batch_size) < 1 or self.part_epochs < 0:
-            raise ValueError("epochs and batch size must be at least 1")
-        if len(self.fractions) != 3:
-            raise ValueError(f"fractions are train, validation, test; got {self.fractions}")
-
-    @property
-    def tune_rate(self) -> float:
-        return self.fine_tune_lr if self.fine_tune_lr is not None else self.learning_rate / 5
 
 
 @dataclass

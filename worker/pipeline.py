@@ -1,7 +1,9 @@
 """The pipeline, wired in one place: register → claim → decode → cascade → record.
 
-Embedded mode calls these functions in-process; distributed mode calls the same ones from Celery
-tasks, so there is one implementation of every step.
+:class:`Pipeline` holds what one serving process needs (settings, ledger, bundle, decode threads)
+and runs a batch through claim → decode → infer → record in :meth:`Pipeline.run_batch`. The
+Celery task calls that; the embedded runner calls its two halves on different threads, so the
+next batch decodes while this one is in the models.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ from bonewatch.db import (
     FailureRecord,
     NewImage,
     PredictionRecord,
+    claim_batch,
+    claim_images,
     lease_holders,
+    reclaim_expired,
     record_results,
     register_images,
     release_for_retry,
@@ -48,7 +53,13 @@ from bonewatch.ingest import (
     sha256_file,
 )
 from bonewatch.models.bundle import Bundle, load_bundle
-from bonewatch.models.cascade import Prediction, Preprocessed, prepare_inputs, run_cascade
+from bonewatch.models.cascade import (
+    Prediction,
+    Preprocessed,
+    input_specs,
+    prepare_inputs,
+    run_cascade,
+)
 from bonewatch.models.engines import InferenceThreads
 from bonewatch.models.preprocess import PreprocessSpec
 from bonewatch.worker.heatmaps import store_heatmaps
@@ -156,6 +167,13 @@ def release_dead_local_leases(engine: Engine, settings: Settings) -> int:
     return release_leases(
         engine, dead_local_workers(lease_holders(engine)), max_attempts=settings.max_attempts
     )
+
+
+def recover_leases(engine: Engine, settings: Settings) -> int:
+    """Queue again what crashed workers left ``processing``: leases that expired, and at once
+    those held by a process of this host that no longer exists (a killed ``process`` run)."""
+    released = release_dead_local_leases(engine, settings)
+    return released + reclaim_expired(engine, max_attempts=settings.max_attempts)
 
 
 def study_key(meta: ImageMeta) -> str:
@@ -434,8 +452,89 @@ def infer_and_record(
             max_attempts=settings.max_attempts,
             worker_id=worker_id(),
             backoff_seconds=settings.retry_backoff_seconds,
+            backoff_cap_seconds=settings.retry_backoff_max,
         )
     return recorded
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What one batch came to: how many images were claimed and finished, and the ids of those
+    that wait out a retry backoff (a file that could not be read for a passing reason)."""
+
+    claimed: int
+    finished: int
+    waiting: tuple[int, ...] = ()
+    waiting_attempts: int = 0
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """One serving process's wiring: its settings, ledger, bundle, decode threads and the model
+    inputs the bundle's stages take."""
+
+    settings: Settings
+    engine: Engine
+    bundle: Bundle
+    pool: Executor
+    specs: tuple[PreprocessSpec, ...]
+
+    @classmethod
+    def open(
+        cls, settings: Settings, engine: Engine, pool: Executor, bundle: Bundle | None = None
+    ) -> Pipeline:
+        """Load the serving bundle (unless given) and settle the model inputs once."""
+        bundle = bundle if bundle is not None else serving_bundle(settings)
+        return cls(settings, engine, bundle, pool, tuple(input_specs(bundle)))
+
+    def claim(
+        self, image_ids: Sequence[int] | None = None, *, taking_over_from: Sequence[str] = ()
+    ) -> list[ClaimedImage]:
+        """Lease the next batch (``live`` first), or those of ``image_ids`` still waiting."""
+        s = self.settings
+        if image_ids is None:
+            return claim_batch(
+                self.engine,
+                limit=s.batch_size,
+                lease_seconds=s.lease_seconds,
+                worker_id=worker_id(),
+                max_attempts=s.max_attempts,
+            )
+        return claim_images(
+            self.engine,
+            image_ids,
+            lease_seconds=s.lease_seconds,
+            worker_id=worker_id(),
+            max_attempts=s.max_attempts,
+            taking_over_from=taking_over_from,
+        )
+
+    def claim_and_decode(
+        self, image_ids: Sequence[int] | None = None, *, taking_over_from: Sequence[str] = ()
+    ) -> DecodedBatch | None:
+        """The first half of a batch: claim, then decode and preprocess in the pool. None when
+        there was nothing to claim."""
+        claimed = self.claim(image_ids, taking_over_from=taking_over_from)
+        if not claimed:
+            return None
+        return decode_claimed(claimed, self.settings, self.pool, specs=self.specs)
+
+    def infer_and_record(self, batch: DecodedBatch) -> int:
+        """The second half: the cascade, then every outcome to the ledger in one go."""
+        return infer_and_record(self.engine, self.bundle, batch, self.settings)
+
+    def run_batch(
+        self, image_ids: Sequence[int] | None = None, *, taking_over_from: Sequence[str] = ()
+    ) -> BatchOutcome:
+        """Claim → decode → infer → record, for the next batch or for ``image_ids``."""
+        batch = self.claim_and_decode(image_ids, taking_over_from=taking_over_from)
+        if batch is None:
+            return BatchOutcome(0, 0)
+        finished = self.infer_and_record(batch)
+        claimed = len(batch.paths)
+        waiting = tuple(claim.image_id for claim, _ in batch.transient)
+        attempts = max((claim.attempts for claim, _ in batch.transient), default=0)
+        return BatchOutcome(claimed, finished, waiting, attempts)
 
 
 def _cascade_isolated(

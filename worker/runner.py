@@ -23,27 +23,22 @@ from typing import Any
 from sqlalchemy import Engine
 
 from bonewatch.db import (
-    claim_batch,
     count_by_status,
     ledger_health,
     make_engine,
     next_retry_at,
-    reclaim_expired,
     release_leases,
     retry_delay,
     upgrade,
 )
 from bonewatch.ingest import InboxWatcher, iter_candidate_files
-from bonewatch.models.bundle import Bundle
-from bonewatch.models.cascade import input_specs
 from bonewatch.worker.pipeline import (
     DecodedBatch,
+    Pipeline,
     RegisterSummary,
-    decode_claimed,
-    infer_and_record,
     inference_streams,
+    recover_leases,
     register_paths,
-    release_dead_local_leases,
     serving_bundle,
     transient_errors,
     worker_id,
@@ -65,13 +60,6 @@ def open_ledger(settings: Settings) -> Engine:
     return make_engine(url)
 
 
-def recover_leases(engine: Engine, settings: Settings) -> int:
-    """Queue again what crashed workers left ``processing``: leases that expired, and at once
-    those held by a process of this host that no longer exists (a killed ``process`` run)."""
-    released = release_dead_local_leases(engine, settings)
-    return released + reclaim_expired(engine, max_attempts=settings.max_attempts)
-
-
 @dataclass
 class DrainSummary:
     finished: int = 0
@@ -79,22 +67,18 @@ class DrainSummary:
 
 
 def _drain_pass(
-    engine: Engine,
-    bundle: Bundle,
-    settings: Settings,
-    pool: ThreadPoolExecutor,
+    pipeline: Pipeline,
     *,
     on_finished: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
 ) -> DrainSummary:
     """One pass: claim and process until nothing is claimable (or ``stop`` is set).
 
-    One producer thread claims and decodes batches; ``inference_streams`` consumers run them
-    through the cascade and record them, each its own batch (one consumer runs here, on the
-    calling thread).
+    These are the two halves of :meth:`Pipeline.run_batch`, on different threads: one producer
+    claims and decodes batches; ``inference_streams`` consumers run them through the cascade and
+    record them, each its own batch (one consumer runs here, on the calling thread).
     """
-    me = worker_id()
-    streams = inference_streams(settings, bundle.engine)
+    streams = inference_streams(pipeline.settings, pipeline.bundle.engine)
     ready: queue.Queue[DecodedBatch | BaseException | None] = queue.Queue(maxsize=streams + 1)
     halt = threading.Event()  # ours: ends the producer and the consumers when one fails
     errors: list[BaseException] = []
@@ -103,21 +87,13 @@ def _drain_pass(
     def stopping() -> bool:
         return halt.is_set() or (stop is not None and stop.is_set())
 
-    specs = input_specs(bundle)
-
     def produce() -> None:
         try:
             while not stopping():
-                claimed = claim_batch(
-                    engine,
-                    limit=settings.batch_size,
-                    lease_seconds=settings.lease_seconds,
-                    worker_id=me,
-                    max_attempts=settings.max_attempts,
-                )
-                if not claimed:
+                batch = pipeline.claim_and_decode()
+                if batch is None:
                     break
-                ready.put(decode_claimed(claimed, settings, pool, specs=specs))
+                ready.put(batch)
             ready.put(None)
         except BaseException as exc:  # handed to a consumer, which ends the pass with it
             ready.put(exc)
@@ -133,7 +109,7 @@ def _drain_pass(
                     return
                 if isinstance(item, BaseException):
                     raise item
-                done = infer_and_record(engine, bundle, item, settings)
+                done = pipeline.infer_and_record(item)
                 with lock:
                     summary.finished += done
                     summary.batches += 1
@@ -177,10 +153,7 @@ def _wake(ready: queue.Queue[Any]) -> None:
 
 
 def drain(
-    engine: Engine,
-    bundle: Bundle,
-    settings: Settings,
-    pool: ThreadPoolExecutor,
+    pipeline: Pipeline,
     *,
     on_finished: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
@@ -192,11 +165,12 @@ def drain(
     With ``wait_for_retries``, images waiting out a retry backoff are waited for; without it
     (the watcher, which must stay responsive) they are left to a later drain.
     """
+    settings, engine = pipeline.settings, pipeline.engine
     total = DrainSummary()
     outages = 0
     while True:
         try:
-            done = _drain_pass(engine, bundle, settings, pool, on_finished=on_finished, stop=stop)
+            done = _drain_pass(pipeline, on_finished=on_finished, stop=stop)
         except transient_errors() as exc:
             # The database went away (a PostgreSQL restart, SQLite locked past its timeout):
             # wait with backoff and carry on, up to the configured number of tries.
@@ -204,9 +178,11 @@ def drain(
             if outages > settings.transient_retries:
                 raise
             delay = retry_delay(
-                outages, base=settings.retry_backoff_seconds, cap=settings.retry_backoff_max,
+                outages,
+                base=settings.retry_backoff_seconds,
+                cap=settings.retry_backoff_max,
                 rng=_jitter,
-            )  # fmt: skip
+            )
             log.warning("ledger unavailable (%s); trying again in %.1f s", exc, delay)
             (stop or threading.Event()).wait(delay)
             _take_back_own_leases(engine)
@@ -249,6 +225,7 @@ def process_paths(
     if bundle is not None:
         recover_leases(engine, settings)
     with ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="bonewatch-io") as pool:
+        pipeline = None if bundle is None else Pipeline.open(settings, engine, pool, bundle)
 
         def chunk_done(queued_ids: list[int]) -> None:
             if enqueue is not None:
@@ -264,9 +241,9 @@ def process_paths(
         registered = register_paths(
             engine, files, settings, queue="bulk", pool=pool, on_chunk=chunk_done
         )
-        if bundle is None:
+        if pipeline is None:
             return registered, DrainSummary()
-        drained = drain(engine, bundle, settings, pool, on_finished=on_finished)
+        drained = drain(pipeline, on_finished=on_finished)
     return registered, drained
 
 
@@ -328,7 +305,7 @@ def watch_inbox(
     of being processed here.
     """
     # The inbox is where quarantine moves go (done/, failed/ under it), when they are on.
-    settings = settings.model_copy(update={"inbox": settings.inbox or inbox})
+    settings = settings.replace(inbox=settings.inbox or inbox)
     engine = enqueue_ledger(settings) if enqueue else open_ledger(settings)
     bundle = None if enqueue else serving_bundle(settings)
     if bundle is not None:
@@ -343,6 +320,7 @@ def watch_inbox(
             follow_symlinks=settings.follow_symlinks,
         ) as watcher,
     ):
+        pipeline = None if bundle is None else Pipeline.open(settings, engine, pool, bundle)
         on_event(f"watching {inbox} ({'polling' if settings.poll else 'file events'})")
         last_sweep = 0.0
         unreadable: set[Path] = set()  # I/O errors at registration; offered again each sweep
@@ -368,9 +346,9 @@ def watch_inbox(
                     engine, retry, settings, queue="live", pool=pool, on_chunk=enqueue
                 )
                 unreadable.update(again.skipped_paths)
-            if bundle is None:
+            if pipeline is None:
                 continue
-            summary = drain(engine, bundle, settings, pool, stop=stop, wait_for_retries=False)
+            summary = drain(pipeline, stop=stop, wait_for_retries=False)
             if summary.finished:
                 counts = count_by_status(engine)
                 on_event(

@@ -1,4 +1,9 @@
-"""One settings object, read once at start-up from ``BONEWATCH_*`` variables and CLI options."""
+"""One settings object, read and validated once at start-up from ``BONEWATCH_*`` variables and
+command-line options, then passed down as a frozen value.
+
+Every process that serves gets the object its parent resolved: a Celery pool child is handed the
+launcher's settings, never a fresh read of the environment.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -14,12 +19,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from bonewatch import models
 
 DEMO_BUNDLE = Path(models.__file__).resolve().parent / "bundles" / "demo-phantom"
+SECRETS_DIR = "/run/secrets"
 
 
 class Settings(BaseSettings):
     """bonewatch configuration; every field can be set as ``BONEWATCH_<FIELD>``."""
 
-    model_config = SettingsConfigDict(env_prefix="BONEWATCH_", extra="ignore")
+    # Secrets may come as files named like the variables (Docker secrets: /run/secrets/
+    # bonewatch_database_url, ...), so passwords stay out of the environment.
+    model_config = SettingsConfigDict(
+        env_prefix="BONEWATCH_",
+        extra="ignore",
+        frozen=True,
+        secrets_dir=SECRETS_DIR if Path(SECRETS_DIR).is_dir() else None,
+    )
 
     data_dir: Path = Field(Path("./bonewatch-data"), description="SQLite file and demo inbox")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir")
@@ -32,6 +45,9 @@ class Settings(BaseSettings):
     max_pixels: int = Field(100_000_000, ge=1, description="largest rows*columns accepted")
     max_file_bytes: int = Field(2_000_000_000, ge=1, description="largest file accepted")
     phi_salt: str | None = Field(None, description="PatientID hash salt")
+    phi_key_file: Path | None = Field(
+        None, description="file holding the PatientID hash key (kept outside the data directory)"
+    )
     settle_seconds: float = Field(1.0, ge=0, description="quiet time = complete")
     poll: bool = Field(False, description="poll the inbox instead of OS events (network shares)")
     poll_interval: float = Field(1.0, gt=0)
@@ -80,8 +96,27 @@ class Settings(BaseSettings):
         10, ge=0, description="task retries when the database or broker is unavailable"
     )
     retry_backoff_max: float = Field(60.0, gt=0, description="longest wait between retries")
+    remote_control: bool = Field(
+        False, description="accept Celery remote-control commands (shutdown, pool changes)"
+    )
 
     _salt: str | None = PrivateAttr(None)
+
+    @classmethod
+    def resolve(cls, **options: Any) -> Settings:
+        """The settings of this start-up: the environment, with the given options on top.
+
+        Options that are None were not given. Both sources go through the same validation, so
+        ``--batch-size 0`` is refused exactly as ``BONEWATCH_BATCH_SIZE=0`` is.
+
+        Raises:
+            pydantic.ValidationError: a value out of range or of the wrong type.
+        """
+        return cls(**{k: v for k, v in options.items() if v is not None})
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes``, validated like any other value (no environment read)."""
+        return type(self).model_validate({**self.model_dump(), **changes})
 
     @property
     def resolved_heatmap_dir(self) -> Path:
@@ -108,12 +143,27 @@ class Settings(BaseSettings):
         return self.lease_seconds + 60.0
 
     def salt(self) -> str:
-        """The PatientID salt: configured, or a random one created once in the data directory."""
+        """The PatientID salt: from the key file, configured, or a random one created once in
+        the data directory."""
+        if self.phi_key_file is not None:
+            if self._salt is None:
+                self._salt = _key_from_file(self.phi_key_file)
+            return self._salt
         if self.phi_salt:
             return self.phi_salt
         if self._salt is None:
             self._salt = _data_dir_salt(self.data_dir / "phi-salt")
         return self._salt
+
+
+def _key_from_file(path: Path) -> str:
+    try:
+        key = path.read_text().strip()
+    except OSError as exc:
+        raise RuntimeError(f"cannot read BONEWATCH_PHI_KEY_FILE {path}: {exc.strerror}") from exc
+    if not key:
+        raise RuntimeError(f"BONEWATCH_PHI_KEY_FILE {path} is empty")
+    return key
 
 
 def _data_dir_salt(path: Path) -> str:

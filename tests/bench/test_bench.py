@@ -1,4 +1,4 @@
-"""``bonewatch bench`` (worker/bench.py): it runs end to end and reports every figure."""
+"""``bonewatch bench`` (bench/): it runs end to end and reports every figure."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from bonewatch.ingest import parse_mura_path
-from bonewatch.models.engines import cpu_pass_size, default_streams
-from bonewatch.worker.bench import (
+from bonewatch.bench import (
     REPORT_KEYS,
     BenchConfig,
     distributed_unavailable,
@@ -20,6 +18,8 @@ from bonewatch.worker.bench import (
     run_rss_track,
     write_phantoms,
 )
+from bonewatch.ingest import parse_mura_path
+from bonewatch.models.engines import cpu_pass_size, default_streams
 from bonewatch.worker.cli import app
 
 pytest.importorskip("onnxruntime")

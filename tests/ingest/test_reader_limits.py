@@ -12,7 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bonewatch.ingest import ImageTooLargeError, IngestError, TruncatedFileError, read_header, read_image
+from bonewatch.ingest import (
+    ImageTooLargeError,
+    IngestError,
+    TruncatedFileError,
+    read_header,
+    read_image,
+)
 
 SALT = "s"
 READERS = (read_header, read_image)

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from bonewatch.ingest import MURA_PARTS
-from bonewatch.models.bundle import BundleError, forget_bundle, load_bundle, read_manifest, write_manifest
+from bonewatch.models.bundle import (
+    BundleError,
+    forget_bundle,
+    load_bundle,
+    read_manifest,
+    write_manifest,
+)
 from tests.models.conftest import build_tiny_bundle
 
 

@@ -57,9 +57,9 @@ def test_summary_is_the_mean_and_a_t_interval_over_folds():
 def test_evaluate_folds_trains_per_fold_and_keeps_the_json_contract(tmp_path, monkeypatch):
     from bonewatch.models.bundle import read_manifest, write_manifest
     from bonewatch.models.datasets import load_dataset
-    from tests.models.conftest import build_tiny_bundle
     from bonewatch.worker.cli import app
     from bonewatch.worker.synth import synthesize
+    from tests.models.conftest import build_tiny_bundle
 
     synthesize(tmp_path / "ph", studies=40, fmt="png", seed=21, size=64)
     samples = load_dataset(tmp_path / "ph")

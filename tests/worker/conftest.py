@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.models.conftest import build_tiny_bundle
 from bonewatch.worker.settings import Settings
+from tests.models.conftest import build_tiny_bundle
 
 
 @pytest.fixture(scope="session")

@@ -24,8 +24,8 @@ import redis
 
 from bonewatch.db import upgrade
 from bonewatch.ingest import write_png
-from tests.conftest import _empty_pg_database
 from bonewatch.worker.settings import Settings
+from tests.conftest import _empty_pg_database
 
 pytestmark = pytest.mark.services
 
@@ -199,14 +199,15 @@ def make_inbox(root: Path, n: int, *, size: int = 256, seed: int = 0) -> Path:
 
 def test_the_parent_process_never_imports_tensorflow():
     code = (
-        "import sys, bonewatch.worker.cli, bonewatch.worker.celery_app, bonewatch.worker.distributed;"
+        "import sys, bonewatch.worker.cli, bonewatch.worker.distributed.celery_app,"
+        " bonewatch.worker.distributed;"
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_celery_is_configured_for_at_least_once_delivery_and_live_first():
-    from bonewatch.worker.celery_app import celery_config
+    from bonewatch.worker.distributed.celery_app import celery_config
 
     conf = celery_config(Settings(broker_url="redis://127.0.0.1:6379/0", lease_seconds=120))
     assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
@@ -555,3 +556,35 @@ def test_embedded_mode_on_postgresql_waits_out_a_restart(cluster):
     assert proc.wait(timeout=TIMEOUT) == 0, cluster.log("process.log")
     assert "ledger unavailable" in cluster.log("process.log")
     cluster.assert_exactly_once(200)
+
+
+def test_worker_children_serve_the_bundle_given_on_the_command_line(cluster, tmp_path):
+    # BONEWATCH_BUNDLE names the tiny bundle; `bonewatch worker --bundle OTHER` must win in the
+    # pool children too, not only in the parent's checks.
+    import json
+    import shutil
+
+    other = tmp_path / "other-bundle"
+    shutil.copytree(cluster.env["BONEWATCH_BUNDLE"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["name"], manifest["version"] = "other", "9.9.9"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    inbox = make_inbox(cluster.root, 8, size=64)
+    proc = cluster.spawn(
+        "worker", "--concurrency", "1", "--hostname", "wb@%h", "--bundle", str(other), log="wb.log"
+    )
+    cluster.wait_for(lambda: "ready." in cluster.log("wb.log"), "worker wb ready")
+    assert proc.poll() is None
+    cluster.run("process", str(inbox))
+    cluster.wait_all_final(8)
+    cluster.assert_exactly_once(8)
+    bundles = cluster.query("SELECT DISTINCT bundle_name, bundle_version FROM predictions")
+    assert bundles == [("other", "9.9.9")]
+
+
+def test_remote_control_is_off_unless_asked_for():
+    from bonewatch.worker.distributed.celery_app import celery_config
+
+    assert celery_config(Settings(broker_url="redis://x"))["worker_enable_remote_control"] is False
+    on = Settings(broker_url="redis://x", remote_control=True)
+    assert celery_config(on)["worker_enable_remote_control"] is True

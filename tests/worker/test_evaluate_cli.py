@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from bonewatch.ingest import write_png
 from bonewatch.models.bundle import write_manifest
 from bonewatch.models.evaluate import HEADLINE_METRICS, PART_METRICS
-from tests.models.conftest import build_tiny_bundle
 from bonewatch.worker.cli import app
+from tests.models.conftest import build_tiny_bundle
 
 CONTRACT = {
     "body_part_accuracy",

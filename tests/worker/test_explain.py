@@ -10,8 +10,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from bonewatch.ingest import make_uid, write_dicom, write_png
-from tests.models.tiny_conv import build_spot_bundle, spot_image
 from bonewatch.worker.cli import app
+from tests.models.tiny_conv import build_spot_bundle, spot_image
 
 
 @pytest.fixture(scope="module")

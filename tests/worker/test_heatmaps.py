@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from bonewatch.db import query_results
 from bonewatch.ingest import write_png
-from tests.models.tiny_conv import build_spot_bundle, spot_image
 from bonewatch.worker.cli import app
 from bonewatch.worker.runner import open_ledger, process_paths
 from bonewatch.worker.settings import Settings
+from tests.models.tiny_conv import build_spot_bundle, spot_image
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ from PIL import Image
 from bonewatch.db import count_by_status, query_results
 from bonewatch.ingest import write_png
 from bonewatch.models.bundle import load_bundle
-from tests.worker.conftest import wait_for
-from bonewatch.worker.pipeline import register_paths
+from bonewatch.worker.pipeline import Pipeline, register_paths
 from bonewatch.worker.runner import drain, open_ledger, process_paths, watch_inbox
+from tests.worker.conftest import wait_for
 
 
 def _png_bytes(value: float, side: int = 64) -> bytes:
@@ -91,7 +91,8 @@ def test_a_file_deleted_before_it_is_read_fails_once_with_a_reason(tmp_path, set
     with ThreadPoolExecutor(2) as pool:
         register_paths(engine, sorted(inbox.iterdir()), settings, queue="live", pool=pool)
         (inbox / "short-lived.png").unlink()  # registered, then gone before any worker reads it
-        drain(engine, load_bundle(settings.bundle), settings, pool)
+        pipeline = Pipeline.open(settings, engine, pool, load_bundle(settings.bundle))
+        drain(pipeline)
         by_name = {Path(str(r["path"])).name: r for r in query_results(engine)}
         gone = by_name["short-lived.png"]
         assert gone["status"] == "failed" and gone["error_class"] == "FileVanishedError"
@@ -99,7 +100,9 @@ def test_a_file_deleted_before_it_is_read_fails_once_with_a_reason(tmp_path, set
         assert gone["attempts"] == 1
         assert by_name["stays.png"]["status"] == "done"
         # Not retried: nothing is left to claim, now or on a later run over the folder.
-        assert drain(engine, load_bundle(settings.bundle), settings, pool).finished == 0
+        assert (
+            drain(Pipeline.open(settings, engine, pool, load_bundle(settings.bundle))).finished == 0
+        )
     registered, drained = process_paths([inbox], settings)
     assert registered.new == 0 and drained.finished == 0
     (after,) = [r for r in query_results(engine) if Path(str(r["path"])).name == "short-lived.png"]

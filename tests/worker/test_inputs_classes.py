@@ -17,8 +17,8 @@ import pytest
 
 import bonewatch.ingest.reader as reader_module
 from bonewatch.db import count_by_status, query_results
-from tests.worker.inputs import PATIENT_ID, PATIENT_NAME, make_every_input
 from bonewatch.worker.runner import open_ledger, process_paths
+from tests.worker.inputs import PATIENT_ID, PATIENT_NAME, make_every_input
 
 PHI = ("8675309", "Doe", "Jane")
 

@@ -12,9 +12,9 @@ import numpy as np
 
 from bonewatch.db import query_results
 from bonewatch.ingest import write_png
-from tests.worker.conftest import wait_for
 from bonewatch.worker.pipeline import quarantine_finished
 from bonewatch.worker.runner import open_ledger, process_paths, watch_inbox
+from tests.worker.conftest import wait_for
 
 BRIGHT = np.full((40, 40), 0.9, np.float32)  # the tiny bundle: ELBOW, done
 DARK = np.zeros((40, 40), np.float32)  # the tiny bundle: other, unsupported

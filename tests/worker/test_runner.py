@@ -11,8 +11,8 @@ import numpy as np
 
 from bonewatch.db import query_results
 from bonewatch.ingest import write_png
-from tests.worker.conftest import wait_for
 from bonewatch.worker.runner import open_ledger, watch_inbox
+from tests.worker.conftest import wait_for
 
 
 def test_watch_takes_existing_and_new_files_once(tmp_path, settings):

@@ -11,13 +11,18 @@ import numpy as np
 import pytest
 
 import bonewatch.models.engines as engines
-import bonewatch.worker.runner as runner
+import bonewatch.worker.pipeline as pipeline
 from bonewatch.db import count_by_status, query_results, release_leases
 from bonewatch.ingest import write_png
 from bonewatch.models.bundle import read_manifest, resolve_engine
 from bonewatch.models.engines import InferenceThreads, default_streams
 from bonewatch.worker.distributed import child_threads, worker_processes
-from bonewatch.worker.pipeline import inference_streams, limit_malloc_arenas, serving_threads, worker_id
+from bonewatch.worker.pipeline import (
+    inference_streams,
+    limit_malloc_arenas,
+    serving_threads,
+    worker_id,
+)
 from bonewatch.worker.runner import open_ledger, process_paths
 from bonewatch.worker.settings import DEMO_BUNDLE, Settings
 
@@ -41,13 +46,13 @@ def test_streams_run_batches_side_by_side_and_finish_each_image_once(
 ):
     inbox = _inbox(tmp_path / "inbox", 24)
     threads_seen: set[str] = set()
-    real = runner.infer_and_record
+    real = pipeline.infer_and_record
 
     def recording(*args, **kwargs):
         threads_seen.add(threading.current_thread().name)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "infer_and_record", recording)
+    monkeypatch.setattr(pipeline, "infer_and_record", recording)
     three = settings.model_copy(update={"inference_streams": 3, "batch_size": 2})
     registered, drained = process_paths([inbox], three)
     assert registered.new == 24 and drained.finished == 24 and drained.batches == 12
@@ -72,7 +77,7 @@ def test_a_failing_stream_ends_the_run_and_a_new_run_finishes_the_rest(
     tmp_path, settings, monkeypatch
 ):
     inbox = _inbox(tmp_path / "inbox", 16)
-    real = runner.infer_and_record
+    real = pipeline.infer_and_record
     calls = {"n": 0}
     lock = threading.Lock()
 
@@ -84,7 +89,7 @@ def test_a_failing_stream_ends_the_run_and_a_new_run_finishes_the_rest(
             raise RuntimeError("the disk under the ledger is full")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "infer_and_record", failing_second)
+    monkeypatch.setattr(pipeline, "infer_and_record", failing_second)
     two = settings.model_copy(update={"inference_streams": 2, "batch_size": 2})
     with pytest.raises(RuntimeError, match="disk under the ledger"):
         process_paths([inbox], two)
@@ -94,7 +99,7 @@ def test_a_failing_stream_ends_the_run_and_a_new_run_finishes_the_rest(
     # Rows the failed run had claimed stay leased to it; once it is gone a new run takes them
     # back (here: released as a dead worker's are), and every image ends done exactly once.
     release_leases(open_ledger(two), [worker_id()], max_attempts=None)
-    monkeypatch.setattr(runner, "infer_and_record", real)
+    monkeypatch.setattr(pipeline, "infer_and_record", real)
     process_paths([inbox], two)
     rows = query_results(open_ledger(two))
     assert len(rows) == 16 and {r["status"] for r in rows} == {"done"}

@@ -1,35 +1,29 @@
-"""Distributed mode: the Celery app and its one thin task.
+"""The Celery app of distributed mode: configuration only, built by a factory.
 
-Messages carry image ids, never pixels; the ledger stays the source of truth. A message that is
-delivered twice, or for an image that is already done, claims nothing and costs nothing, which is
-what makes re-publishing lost messages (``bonewatch reconcile``) safe.
-
-TensorFlow is never imported here: the worker's parent process only consumes messages. Each pool
-child loads the bundle once, after the fork, in :func:`_start_child`.
-
-``celery -A worker.celery_app ...`` (Flower, inspection) uses the module-level :data:`app`, built
-from the same ``BONEWATCH_*`` settings as the ``bonewatch`` commands.
+Nothing is built at import time. Every crash-safety property is one of Celery's own settings;
+the task is registered by :func:`bonewatch.worker.distributed.tasks.register_tasks`, and only on
+the app a worker runs. Publishers send by task name and need no registration.
 """
 
 from __future__ import annotations
 
-import logging
+from functools import cache
 from typing import Any
 
-from celery import Celery, Task, signals
-from celery.utils.time import get_exponential_backoff_interval
+from celery import Celery
 from kombu import Exchange, Queue
 
-from bonewatch.worker.pipeline import transient_errors
 from bonewatch.worker.settings import Settings
-
-log = logging.getLogger(__name__)
 
 TASK_PROCESS = "bonewatch.process_images"
 # Consumption order matters: with both queues, a worker takes ``live`` whenever it has messages.
 QUEUE_ORDER = ("live", "bulk")
 # How long a new pool child may take to start: it imports TensorFlow and loads the bundle.
 CHILD_START_SECONDS = 180.0
+
+
+class DistributedError(RuntimeError):
+    """Distributed mode cannot run as configured (no broker, ledger not migrated, ...)."""
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -66,63 +60,27 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "interval_max": 5.0,
         },
         "worker_proc_alive_timeout": CHILD_START_SECONDS,
+        # Anyone who can reach the broker could stop the workers with `celery control shutdown`.
+        "worker_enable_remote_control": settings.remote_control,
     }
 
 
 def create_app(settings: Settings) -> Celery:
-    """A Celery app configured from ``settings``, with the bonewatch task registered."""
+    """A Celery app configured from ``settings`` (no tasks registered)."""
+    if not settings.broker_url:
+        raise DistributedError("BONEWATCH_BROKER_URL is not set")
     app = Celery("bonewatch", set_as_current=False)
     app.conf.update(celery_config(settings))
-
-    @app.task(  # type: ignore[untyped-decorator]
-        name=TASK_PROCESS,
-        shared=False,  # each app (one per configuration) owns its own copy
-        bind=True,
-        max_retries=settings.transient_retries,
-    )
-    def process_images(
-        self: Task, image_ids: list[int], handed_over_by: list[str] | None = None
-    ) -> int:
-        """Claim, decode, predict and record the given images (those still waiting)."""
-        from bonewatch.worker.distributed import run_task
-        from bonewatch.worker.pipeline import worker_id
-
-        queue = (self.request.delivery_info or {}).get("routing_key") or "bulk"
-        earlier = list(handed_over_by or [])
-        try:
-            return run_task(image_ids, queue=queue, taking_over_from=earlier)
-        except transient_errors() as exc:
-            # The retry may run in another process: it is told whose leases it may take over
-            # (every process that tried this batch), so the batch never waits for them to expire.
-            delay = get_exponential_backoff_interval(
-                factor=max(1, round(settings.retry_backoff_seconds)),
-                retries=self.request.retries,
-                maximum=round(settings.retry_backoff_max),
-                full_jitter=True,
-            )
-            raise self.retry(
-                exc=exc,
-                countdown=delay,
-                args=[image_ids],
-                kwargs={"handed_over_by": sorted({*earlier, worker_id()})},
-            ) from exc
-
     return app
 
 
-@signals.worker_process_init.connect(weak=False)
-def _start_child(**_: Any) -> None:
-    """In each pool child, after the fork: database engine, decode threads and the bundle."""
-    from bonewatch.worker.distributed import start_child
-
-    start_child(Settings())
+@cache
+def _app_for(settings_json: str) -> Celery:
+    return create_app(Settings.model_validate_json(settings_json))
 
 
-@signals.worker_process_shutdown.connect(weak=False)
-def _stop_child(**_: Any) -> None:
-    from bonewatch.worker.distributed import stop_child
-
-    stop_child()
-
-
-app = create_app(Settings())
+def get_app(settings: Settings) -> Celery:
+    """The publishing app for these settings (one per distinct configuration in a process)."""
+    if not settings.broker_url:
+        raise DistributedError("BONEWATCH_BROKER_URL is not set")
+    return _app_for(settings.model_dump_json())
