@@ -2,10 +2,16 @@
 
 Every bonewatch command in the file is parsed by the real command line, every BONEWATCH_*
 variable must be a setting, and the services depend on each other in the order that works.
+The deployment's security settings are checked too: secrets only as files, Redis and Flower
+behind credentials, Flower on loopback, images pinned, capabilities dropped, root file systems
+read-only.
 """
 
 from __future__ import annotations
 
+import re
+import secrets
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +23,22 @@ from bonewatch.worker.cli import app
 from bonewatch.worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
+BONEWATCH_SERVICES = ("migrate", "worker", "watcher")
+SECRETS_DIR = "/run/secrets"
+# Third-party images for which no digest could be verified; each must name an exact release.
+UNPINNED_IMAGES = {"flower"}
+# What the official postgres entrypoint needs before it steps down to the postgres user.
+POSTGRES_CAPS = {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID"}
 
 
 @pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+def compose_text() -> str:
+    return (ROOT / "docker-compose.yml").read_text()
+
+
+@pytest.fixture(scope="module")
+def compose(compose_text) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(compose_text)
     return data
 
 
@@ -36,6 +53,22 @@ def _parse(argv: list[str]) -> Any:
         command = sub
         ctx = sub.make_context(name or "", rest, parent=ctx)
     return ctx
+
+
+def _command_text(service: dict[str, Any]) -> str:
+    command = service.get("command", [])
+    return command if isinstance(command, str) else " ".join(command)
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def _secret_names(service: dict[str, Any]) -> set[str]:
+    return {s if isinstance(s, str) else s["source"] for s in service.get("secrets", [])}
 
 
 def test_the_services_a_distributed_setup_needs(compose):
@@ -85,24 +118,53 @@ def test_a_wrong_command_would_be_caught(argv):
 
 def test_environment_names_only_real_settings(compose):
     fields = {f"BONEWATCH_{name.upper()}" for name in Settings.model_fields}
-    for name in ("migrate", "worker", "watcher"):
-        env = compose["services"][name]["environment"]
+    for name in BONEWATCH_SERVICES:
+        env = _env(compose["services"][name])
         unknown = {k for k in env if k.startswith("BONEWATCH_")} - fields
         assert not unknown, f"{name}: {unknown} are not settings"
-        assert env["BONEWATCH_BROKER_URL"].startswith("redis://redis:")
-        assert env["BONEWATCH_DATABASE_URL"].startswith("postgresql+psycopg://")
-        assert "@postgres:5432/" in env["BONEWATCH_DATABASE_URL"]
-        # patient hashes must agree across hosts: one salt, given explicitly
-        assert "BONEWATCH_PHI_SALT" in env
 
 
-def test_settings_parse_the_compose_environment(compose, monkeypatch):
-    env = compose["services"]["worker"]["environment"]
-    for key, value in env.items():
-        monkeypatch.setenv(key, "x" * 16 if "${" in str(value) else str(value))
-    settings = Settings()
+def test_urls_and_the_phi_key_come_from_secret_files(compose):
+    """The database and broker URLs carry passwords: they are secrets_dir files named like the
+    variables, never environment values. Patient hashes must agree across hosts: one HMAC key,
+    given explicitly as a file, in every service that registers or processes studies."""
+    for name in BONEWATCH_SERVICES:
+        service = compose["services"][name]
+        env = _env(service)
+        assert "BONEWATCH_DATABASE_URL" not in env and "BONEWATCH_BROKER_URL" not in env, name
+        assert "BONEWATCH_PHI_SALT" not in env, name
+        assert "bonewatch_database_url" in _secret_names(service), name
+    for name in ("worker", "watcher"):
+        service = compose["services"][name]
+        assert {"bonewatch_broker_url", "bonewatch_phi_key"} <= _secret_names(service), name
+        assert _env(service)["BONEWATCH_PHI_KEY_FILE"] == f"{SECRETS_DIR}/bonewatch_phi_key"
+    # The schema migration needs the ledger and nothing else.
+    assert _secret_names(compose["services"]["migrate"]) == {"bonewatch_database_url"}
+
+
+def test_settings_read_the_compose_secret_files(compose, monkeypatch, tmp_path):
+    """What a worker container sees, with its /run/secrets laid out in tmp_path."""
+    worker = compose["services"]["worker"]
+    password = secrets.token_hex(8)
+    contents = {
+        "bonewatch_database_url": f"postgresql+psycopg://bonewatch:{password}@postgres:5432/bonewatch",
+        "bonewatch_broker_url": f"redis://:{password}@redis:6379/0",
+        "bonewatch_phi_key": secrets.token_hex(32),
+    }
+    assert _secret_names(worker) == set(contents)
+    for name, value in contents.items():
+        (tmp_path / name).write_text(value + "\n")  # a trailing newline, as `openssl rand` writes
+    for field in Settings.model_fields:
+        monkeypatch.delenv(f"BONEWATCH_{field.upper()}", raising=False)
+    for key, value in _env(worker).items():
+        monkeypatch.setenv(key, value.replace(SECRETS_DIR, str(tmp_path)))
+
+    settings = Settings(_secrets_dir=tmp_path)  # type: ignore[call-arg]
     assert settings.distributed
+    assert settings.broker_url == contents["bonewatch_broker_url"]
+    assert settings.resolved_database_url == contents["bonewatch_database_url"]
     assert settings.batch_size == 16
+    assert Path(settings.phi_key_file) == tmp_path / "bonewatch_phi_key"  # type: ignore[attr-defined]
 
 
 def test_workers_scale_and_start_after_the_migration(compose):
@@ -124,12 +186,134 @@ def test_workers_see_files_where_the_watcher_registered_them(compose):
 
 
 def test_flower_watches_the_same_broker(compose):
-    flower = " ".join(compose["services"]["flower"]["command"])
-    broker = compose["services"]["worker"]["environment"]["BONEWATCH_BROKER_URL"]
-    assert f"--broker={broker}" in flower
+    """Flower reads the broker URL from the workers' own secret file, not from a flag."""
+    flower = compose["services"]["flower"]
+    command = _command_text(flower)
+    assert "bonewatch_broker_url" in _secret_names(flower)
+    assert f"{SECRETS_DIR}/bonewatch_broker_url" in command
+    assert "CELERY_BROKER_URL" in command
+    assert "--broker" not in command
+
+
+def test_flower_listens_on_loopback_only(compose):
+    ports = compose["services"]["flower"]["ports"]
+    assert ports == ["127.0.0.1:5555:5555"]
+    published = {name for name, s in compose["services"].items() if s.get("ports")}
+    assert published == {"flower"}, "only Flower is published, and only on loopback"
+
+
+def test_flower_requires_basic_auth_from_a_secret(compose):
+    flower = compose["services"]["flower"]
+    command = _command_text(flower)
+    assert "flower_basic_auth" in _secret_names(flower)
+    assert re.search(
+        rf"(FLOWER_BASIC_AUTH=|--basic[-_]auth=)\"?\$\$\(cat {SECRETS_DIR}/flower_basic_auth\)",
+        command,
+    ), command
+    # It refuses to start open: an unreadable or empty credential stops the shell.
+    assert "set -eu" in command and 'test -n "$$FLOWER_BASIC_AUTH"' in command
+
+
+def test_redis_requires_a_password_from_a_secret(compose):
+    redis = compose["services"]["redis"]
+    command = _command_text(redis)
+    assert "redis_password" in _secret_names(redis)
+    assert re.search(rf"requirepass \"?\$\$\(cat {SECRETS_DIR}/redis_password\)", command), command
+    assert "--requirepass" not in command, "the password stays out of argv"
+    health = " ".join(redis["healthcheck"]["test"])
+    assert f'REDISCLI_AUTH="$$(cat {SECRETS_DIR}/redis_password)"' in health
+    assert "grep -q PONG" in health, "NOAUTH must not count as healthy"
+
+
+def test_every_broker_url_carries_credentials_from_a_secret(compose):
+    for name, service in compose["services"].items():
+        for key, value in _env(service).items():
+            assert "BROKER_URL" not in key, f"{name}: {key} must come from a secret file"
+            assert "redis://" not in value, f"{name}: {key}"
+        assert "redis://" not in _command_text(service), name
+    for name in ("worker", "watcher", "flower"):
+        assert "bonewatch_broker_url" in _secret_names(compose["services"][name]), name
+
+
+def test_no_password_literal_anywhere(compose, compose_text):
+    # URL user:password@ pairs
+    assert not re.search(r"://[^/\s@$]*:[^/\s@$]+@", compose_text)
+    assert "PHI_SALT" not in compose_text
+    credential = re.compile(r"PASSWORD|PASSWD|SECRET|SALT|TOKEN|AUTH|_KEY")
+    for name, service in compose["services"].items():
+        for key, value in _env(service).items():
+            if credential.search(key):
+                assert key.endswith("_FILE"), f"{name}: {key} must name a file"
+                assert value.startswith(f"{SECRETS_DIR}/"), f"{name}: {key}={value}"
+    postgres = _env(compose["services"]["postgres"])
+    assert postgres["POSTGRES_PASSWORD_FILE"] == f"{SECRETS_DIR}/postgres_password"
+    assert "postgres_password" in _secret_names(compose["services"]["postgres"])
+
+
+def test_secrets_are_files_outside_the_repository(compose):
+    declared = compose["secrets"]
+    for name, secret in declared.items():
+        assert set(secret) == {"file"}, f"{name}: a file secret, nothing else"
+        assert secret["file"] == f"./secrets/{name}.txt", name
+    used = set().union(*(_secret_names(s) for s in compose["services"].values()))
+    assert used == set(declared), "every secret is declared and used"
+    # In bonewatch's own services a secret is a settings file (bonewatch_<field>, read through
+    # secrets_dir) or the target of a BONEWATCH_*_FILE variable.
+    fields = set(Settings.model_fields)
+    for name in BONEWATCH_SERVICES:
+        service = compose["services"][name]
+        targets = {v for k, v in _env(service).items() if k.endswith("_FILE")}
+        for secret in _secret_names(service):
+            a_setting = secret.startswith("bonewatch_") and secret[len("bonewatch_") :] in fields
+            a_file = f"{SECRETS_DIR}/{secret}" in targets
+            assert a_setting or a_file, f"{name}: {secret} is read by nothing"
+
+
+def test_third_party_images_are_pinned_by_digest(compose):
+    digest = re.compile(r"^[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}$")
+    for name, service in compose["services"].items():
+        if "build" in service:
+            continue
+        image = service["image"]
+        if name in UNPINNED_IMAGES:
+            assert re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+", image), f"{name}: an exact release"
+        else:
+            assert digest.match(image), f"{name}: {image} is not pinned by digest"
+    assert {"redis", "postgres"}.isdisjoint(UNPINNED_IMAGES)
+
+
+def test_every_service_drops_capabilities_and_privilege_escalation(compose):
+    for name, service in compose["services"].items():
+        assert service.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        assert not service.get("privileged"), name
+        expected = POSTGRES_CAPS if name == "postgres" else set()
+        assert set(service.get("cap_add", [])) == expected, name
+
+
+def test_root_file_systems_are_read_only(compose):
+    for name, service in compose["services"].items():
+        assert service.get("read_only") is True, name
+        tmpfs = service.get("tmpfs", [])
+        assert "/tmp" in ([tmpfs] if isinstance(tmpfs, str) else tmpfs), name
+    assert "/var/run/postgresql" in compose["services"]["postgres"]["tmpfs"]
+
+
+def test_deployment_data_and_secrets_stay_out_of_git_and_the_image():
+    for ignore_file in (".gitignore", ".dockerignore"):
+        lines = {line.strip().lstrip("/") for line in (ROOT / ignore_file).read_text().splitlines()}
+        for folder in ("inbox/", "archive/", "secrets/"):
+            assert folder in lines, f"{ignore_file} lacks {folder}"
 
 
 def test_the_image_installs_the_package_and_runs_as_a_user():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "pip install ." in dockerfile
     assert "USER bonewatch" in dockerfile
+    assert re.search(r"^FROM [\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}$", dockerfile, re.M)
+    # Every folder that setuptools maps into the bonewatch package is in the build context.
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    folders = set(pyproject["tool"]["setuptools"]["package-dir"].values())
+    assert "bonewatch" in folders
+    for folder in folders:
+        assert re.search(rf"^COPY {folder} {folder}$", dockerfile, re.M), f"COPY {folder}"
