@@ -98,12 +98,18 @@ def make_engine(url: str) -> Engine:
     sa_url = make_url(url)
     if sa_url.get_backend_name() == "sqlite":
         _make_sqlite_folder(url)
-        engine = create_engine(sa_url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        engine = create_engine(
+            sa_url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            hide_parameters=True,
+        )
         event.listen(engine, "connect", _on_sqlite_connect)
         event.listen(engine, "begin", _on_sqlite_begin)
         return engine
     # Long-lived workers outlive server restarts and idle timeouts; check connections on checkout.
-    return create_engine(sa_url, pool_pre_ping=True)
+    # hide_parameters: an error's message never carries the bound values (file paths, which can
+    # name patients) into logs, Celery retry events or Flower.
+    return create_engine(sa_url, pool_pre_ping=True, hide_parameters=True)
 
 
 def create_database(url: str) -> bool:

@@ -188,3 +188,18 @@ def test_create_database_on_sqlite_makes_the_folder(sqlite_url: str) -> None:
     assert create_database(sqlite_url) is False
     assert path.parent.is_dir() and not path.exists()
     assert create_database("sqlite://") is False
+
+
+def test_database_errors_do_not_carry_bound_values(tmp_path):
+    # A path that names a patient must not reach logs or retry events through an error message.
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'l.sqlite'}")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE t (path TEXT UNIQUE)"))
+        conn.execute(text("INSERT INTO t VALUES (:p)"), {"p": "/inbox/DOE_JANE_19450317/im1.dcm"})
+    with pytest.raises(IntegrityError) as caught, engine.begin() as conn:
+        conn.execute(text("INSERT INTO t VALUES (:p)"), {"p": "/inbox/DOE_JANE_19450317/im1.dcm"})
+    assert "DOE_JANE" not in str(caught.value)
+    assert "UNIQUE constraint failed" in str(caught.value)
