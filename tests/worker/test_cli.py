@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 
 import numpy as np
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from bonewatch.ingest import write_png
@@ -101,3 +103,22 @@ def test_study_level_refuses_image_filters(cli):
     result = cli("results", "--level", "study", "--status", "done")
     assert result.exit_code == 2
     assert "--status" in result.output
+
+
+def test_names_cannot_forge_table_rows_or_spreadsheet_formulas(tmp_path, monkeypatch):
+    from bonewatch.worker.cli._common import OutputFormat, render
+
+    rows = [{"path": '=HYPERLINK("http://x")\n| forged | row |\x1b[31m', "status": "done"}]
+    with contextlib.redirect_stdout(io.StringIO()) as buf:
+        render(rows, ["path", "status"], OutputFormat.csv)
+    assert buf.getvalue().splitlines()[1].startswith("\"'=HYPERLINK")
+    console = Console(file=io.StringIO(), width=200, force_terminal=True)
+    monkeypatch.setattr("bonewatch.worker.cli._common.out", console)
+    render(
+        rows + [{"path": "[bold]x[/bold]", "status": "done"}],
+        ["path", "status"],
+        OutputFormat.table,
+    )
+    shown = console.file.getvalue()
+    assert "\x1b[31m" not in shown and "\\x1b[31m" in shown and "\\n" in shown
+    assert "[bold]x[/bold]" in shown  # Rich markup in a name is shown, not applied

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -26,6 +27,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from bonewatch.worker.settings import Settings
 
@@ -111,14 +113,14 @@ def render(rows: list[dict[str, Any]], columns: list[str], fmt: OutputFormat) ->
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: _csv_safe(v) for k, v in row.items()} for row in rows)
         sys.stdout.write(buf.getvalue())
     else:
         table = Table(show_lines=False)
         for column in columns:
             table.add_column(column, no_wrap=column != "reason", overflow="fold")
         for row in rows:
-            table.add_row(*(cell(_shown(c, row.get(c))) for c in columns))
+            table.add_row(*(Text(cell(_shown(c, row.get(c)))) for c in columns))
         out.print(table)
 
 
@@ -133,8 +135,22 @@ def _shown(column: str, value: Any) -> Any:
 
 
 def cell(value: Any) -> str:
+    """A value as table text; control characters (terminal escapes, newlines that would forge
+    rows) are shown as escapes, never sent to the terminal."""
     if value is None:
         return ""
     if isinstance(value, float):
         return f"{value:.3f}"
-    return str(value)
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(value))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# A spreadsheet runs a cell that starts with one of these as a formula.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_safe(value: Any) -> Any:
+    """A CSV cell that no spreadsheet runs as a formula: text starting like one gets a ``'``."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
