@@ -21,6 +21,8 @@ COPY models models
 COPY db db
 COPY worker worker
 COPY bench bench
+COPY web web
+COPY deliver deliver
 RUN pip install . \
  && groupadd --gid 10001 bonewatch \
  && useradd --create-home --uid 10001 --gid 10001 bonewatch \

@@ -30,7 +30,7 @@ test: $(VENV)/.installed-test
 
 # mypy cannot follow setuptools' package-dir mapping, so it checks the installed layout through
 # a tree of links (build/typecheck/bonewatch/{ingest,models,...} -> the top-level folders).
-PACKAGES := ingest models db worker bench
+PACKAGES := ingest models db worker bench deliver web
 lint: $(VENV)/.installed-test
 	$(BIN)/python -m ruff check bonewatch $(PACKAGES) tests
 	$(BIN)/python -m ruff format --check bonewatch $(PACKAGES) tests

@@ -1,5 +1,5 @@
 """``python -m bonewatch`` runs the ``bonewatch`` command line."""
 
-from bonewatch.worker.cli import app
+from bonewatch.worker.cli import main
 
-app(prog_name="bonewatch")
+main()

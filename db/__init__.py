@@ -2,10 +2,13 @@
 
 ``db`` imports nothing else from bonewatch and takes and returns plain values. By domain:
 ``records`` (the values), ``registration``, ``leases`` (claims and retries), ``results``,
-``queries``, ``backoff`` (the retry delay), ``engine`` and ``schema``.
+``queries``, ``rescoring``, ``studies`` (arrivals and completeness), ``backoff`` (the retry
+delay), ``engine`` and ``schema``. For the review app: ``worklist`` (the worklist and study
+pages), ``reviews`` (verdicts, labels), ``users``, ``audit`` and ``monitoring`` (``/metrics``).
 """
 
 from bonewatch.db.backoff import retry_delay
+from bonewatch.db.deliveries import count_deliveries
 from bonewatch.db.engine import create_database, current_revision, make_engine, upgrade
 from bonewatch.db.leases import (
     claim_batch,
@@ -32,8 +35,10 @@ from bonewatch.db.records import (
     Registered,
 )
 from bonewatch.db.registration import register_images
+from bonewatch.db.rescoring import queue_for_rescoring
 from bonewatch.db.results import record_results
 from bonewatch.db.schema import FINAL_STATUSES, QUEUES, STATUSES
+from bonewatch.db.studies import mark_stable_studies, query_arrivals
 
 __all__ = [
     "FINAL_STATUSES",
@@ -47,15 +52,19 @@ __all__ = [
     "claim_batch",
     "claim_images",
     "count_by_status",
+    "count_deliveries",
     "create_database",
     "current_revision",
     "exclusive",
     "lease_holders",
     "ledger_health",
     "make_engine",
+    "mark_stable_studies",
     "next_retry_at",
+    "query_arrivals",
     "query_results",
     "query_studies",
+    "queue_for_rescoring",
     "reclaim_expired",
     "record_results",
     "register_images",

@@ -86,16 +86,35 @@ def _on_sqlite_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN")
 
 
-def make_engine(url: str) -> Engine:
+def _on_sqlite_read_only_connect(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA query_only = ON")
+    finally:
+        cursor.close()
+
+
+def make_engine(url: str, *, read_only: bool = False) -> Engine:
     """Build an Engine for a ledger URL (``sqlite:///...`` or ``postgresql+psycopg://...``).
 
     For a SQLite file the parent directory is created and the connection pragmas are set on every
-    new connection.
+    new connection. ``read_only`` opens an existing SQLite file without creating or changing
+    anything (for commands that only read: a ledger on read-only media works too).
 
     Returns:
         A configured Engine; the caller disposes of it.
     """
     sa_url = make_url(url)
+    db_file = _sqlite_file(url) if sa_url.get_backend_name() == "sqlite" else None
+    if read_only and db_file is not None:
+        engine = create_engine(
+            f"sqlite:///file:{db_file.absolute()}?mode=ro&uri=true", hide_parameters=True
+        )
+        event.listen(engine, "connect", _on_sqlite_read_only_connect)
+        event.listen(engine, "begin", _on_sqlite_begin)
+        return engine
     if sa_url.get_backend_name() == "sqlite":
         _make_sqlite_folder(url)
         engine = create_engine(

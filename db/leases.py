@@ -18,6 +18,7 @@ from bonewatch.db._sql import chunks, finished, lease_expired, locking, released
 from bonewatch.db.backoff import retry_delay
 from bonewatch.db.engine import write_transaction
 from bonewatch.db.records import ClaimedImage
+from bonewatch.db.registration import hand_over_duplicates
 from bonewatch.db.schema import images, utcnow
 
 logger = logging.getLogger(__name__)
@@ -48,12 +49,18 @@ def _claimable(now: datetime) -> Any:
 
 
 def _give_up(conn: Connection, where: Any, *, error_class: str, reason: str, now: datetime) -> int:
-    """Finish the rows matching ``where`` as ``failed`` with the reason, lease cleared."""
-    return conn.execute(
-        update(images)
-        .where(where)
-        .values(status="failed", error_class=error_class, reason=reason, **finished(now))
-    ).rowcount
+    """Finish the rows matching ``where`` as ``failed`` with the reason, lease cleared; their
+    duplicates with other bytes are handed over (one queued again) in the same transaction."""
+    failed = list(
+        conn.scalars(
+            update(images)
+            .where(where)
+            .values(status="failed", error_class=error_class, reason=reason, **finished(now))
+            .returning(images.c.id)
+        )
+    )
+    hand_over_duplicates(conn, failed, now)
+    return len(failed)
 
 
 def _queue_again(conn: Connection, where: Any, *, now: datetime) -> int:

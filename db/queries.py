@@ -170,20 +170,24 @@ def query_results(
     min_p: float | None = None,
     max_p: float | None = None,
     limit: int | None = None,
+    image_id: int | None = None,
+    path_glob: str | None = None,
+    bundle: str | None = None,
+    finished_after: datetime | None = None,
 ) -> list[dict[str, object]]:
     """One dict per image with its latest prediction (if any), filtered, ordered by image id.
 
-    ``part`` and ``label`` and the score range match the latest prediction; ``status`` and
-    ``since`` (on ``created_at``) match the image. Timestamps come back as ISO 8601 strings.
+    ``part`` and ``label`` and the score range match the latest prediction; ``status``,
+    ``since`` (on ``created_at``), ``image_id`` and ``path_glob`` (``*`` and ``?`` as in a
+    shell; ``*`` also crosses ``/``) match the image. Timestamps come back as ISO 8601 strings.
     """
-    latest = (
-        select(
-            prediction_table.c.image_id,
-            func.max(prediction_table.c.id).label("prediction_id"),
-        )
-        .group_by(prediction_table.c.image_id)
-        .subquery("latest")
-    )
+    latest_query = select(
+        prediction_table.c.image_id,
+        func.max(prediction_table.c.id).label("prediction_id"),
+    ).group_by(prediction_table.c.image_id)
+    if bundle is not None:  # that bundle's latest prediction, and only images it scored
+        latest_query = latest_query.where(prediction_table.c.bundle_name == bundle)
+    latest = latest_query.subquery("latest")
     p = prediction_table
     stmt = (
         select(*_RESULT_COLUMNS)
@@ -205,11 +209,34 @@ def query_results(
         stmt = stmt.where(p.c.p_fracture >= min_p)
     if max_p is not None:
         stmt = stmt.where(p.c.p_fracture <= max_p)
+    if image_id is not None:
+        stmt = stmt.where(images.c.id == image_id)
+    if finished_after is not None:
+        stmt = stmt.where(images.c.finished_at > finished_after)
+    if bundle is not None:
+        stmt = stmt.where(latest.c.prediction_id.is_not(None))
+    if path_glob is not None:
+        stmt = stmt.where(images.c.path.like(glob_to_like(path_glob), escape="\\"))
     if limit is not None:
         stmt = stmt.limit(limit)
     with engine.connect() as conn:
         rows = conn.execute(stmt).all()
     return [_plain(row) for row in rows]
+
+
+def glob_to_like(pattern: str) -> str:
+    """A shell-style pattern as a LIKE pattern with ``\\`` as its escape character."""
+    out = []
+    for char in pattern:
+        if char in "%_\\":
+            out.append("\\" + char)
+        elif char == "*":
+            out.append("%")
+        elif char == "?":
+            out.append("_")
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 def query_studies(

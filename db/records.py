@@ -111,7 +111,8 @@ class PredictionRecord(_FromAttrs):
     label: str | None
     threshold: float | None
     fracture_model: str | None
-    timings: dict[str, float]
+    # Milliseconds per step, and ``engine``: the engine/precision that served (``onnx/int8``).
+    timings: dict[str, float | str]
     heatmap_path: str | None = None
     rows: int | None = None
     columns: int | None = None

@@ -24,6 +24,7 @@ from bonewatch.db._sql import check_choice, chunks, insert, update_each
 from bonewatch.db.engine import write_transaction
 from bonewatch.db.records import NewImage, Registered, image_values
 from bonewatch.db.schema import fingerprints, images, utcnow
+from bonewatch.db.studies import note_arrivals
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,14 @@ def register_images(engine: Engine, items: Sequence[NewImage]) -> list[Registere
                 ).where(images.c.path.in_(chunk))
             ):
                 by_key[(row.path, row.sha256)] = row
+
+        # New instances (not copies of known ones) move their study's arrival time.
+        arrivals: dict[str, int] = {}
+        for key in created_ids:
+            study_uid = unique[key].study_uid
+            if study_uid and by_key[key].status != "duplicate":
+                arrivals[study_uid] = arrivals.get(study_uid, 0) + 1
+        note_arrivals(conn, arrivals, now)
 
     result: list[Registered] = []
     for item in items:
@@ -244,27 +253,181 @@ def _mark_duplicates(
             ).scalar_one()
             owners[fp] = (current, None)
 
-    updates: list[dict[str, Any]] = []
+    marked: list[tuple[int, str | None, int]] = []  # (row, its sha256, its original)
     for key, image_id in created_ids.items():
         # A byte-identical copy is the stronger evidence, so sha256 is checked before SOP.
         for fp in _fingerprint_values(unique[key]):
             owner, owner_original = owners[fp]
             if owner != image_id:
-                updates.append(
-                    {
-                        "b_id": image_id,
-                        # Point at the original, not at another duplicate.
-                        "b_original": owner_original or owner,
-                        "b_reason": f"same {fp[0]} as image {owner_original or owner}",
-                    }
-                )
+                # Point at the original, not at another duplicate.
+                marked.append((image_id, unique[key].sha256, owner_original or owner))
                 break
+    originals = _originals(conn, {original for _, _, original in marked})
     update_each(
         conn,
-        updates,
+        [
+            {
+                "b_id": image_id,
+                "b_original": original,
+                "b_reason": duplicate_reason(sha256, originals[original]),
+            }
+            for image_id, sha256, original in marked
+        ],
         status="duplicate",
         duplicate_of=bindparam("b_original"),
         reason=bindparam("b_reason"),
         finished_at=now,
         updated_at=now,
     )
+    # An original that failed meanwhile (a worker recorded it while this ran) hands its
+    # duplicates over here, as record_results does for the ones it can see: the rows just marked
+    # are not visible to it until this transaction commits. On PostgreSQL the originals are
+    # locked (FOR SHARE) above, so a failure being recorded now is waited for and seen.
+    failed = sorted(i for i, row in originals.items() if row.status == "failed")
+    hand_over_duplicates(conn, failed, now)
+
+
+def _originals(conn: Connection, ids: set[int]) -> dict[int, Any]:
+    """id -> (id, path, sha256, status) of the originals that new duplicates point at, locked
+    against a concurrent status change on PostgreSQL (a worker failing one waits, or is waited
+    for)."""
+    found: dict[int, Any] = {}
+    for chunk in chunks(sorted(ids)):
+        stmt = select(images.c.id, images.c.path, images.c.sha256, images.c.status).where(
+            images.c.id.in_(chunk)
+        )
+        if conn.dialect.name == "postgresql":
+            stmt = stmt.order_by(images.c.id).with_for_update(read=True)
+        found.update({row.id: row for row in conn.execute(stmt)})
+    return found
+
+
+def duplicate_reason(sha256: str | None, original: Any) -> str:
+    """A duplicate's reason: its original by id and stored path, and whether the bytes match."""
+    if sha256 is not None and sha256 == original.sha256:
+        return f"same bytes as image {original.id} ({original.path})"
+    return f"same SOPInstanceUID as image {original.id} ({original.path}), different bytes"
+
+
+def _sop_value(row: Any) -> str | None:
+    """The ``sop`` fingerprint value of an images row (SOPInstanceUID, plus its frame)."""
+    if not row.sop_instance_uid:
+        return None
+    if row.frame_number is not None:
+        return f"{row.sop_instance_uid}#{row.frame_number}"
+    return str(row.sop_instance_uid)
+
+
+def hand_over_duplicates(conn: Connection, failed_ids: Sequence[int], now: datetime) -> list[int]:
+    """Queue again the duplicates with other bytes of images that just failed.
+
+    A copy registered beside a damaged one of the same instance (same SOPInstanceUID, other
+    bytes) became its duplicate; when the damaged one fails, the copy must be processed, not
+    stay a duplicate of a failure for ever. For each failed image, the lowest-id duplicate with
+    other bytes takes over its SOP fingerprint and is ``queued``; its other such duplicates
+    point at that one (their reasons say again whether the bytes are the same). Byte copies of
+    the failed image stay its duplicates: they would fail the same way.
+
+    The take-over is a conditional update of the fingerprint (still the failed image's?), so
+    concurrent workers and registrants agree on one owner; where the fingerprint has moved
+    already, the duplicates point at its owner instead. Runs inside the caller's transaction.
+
+    Returns:
+        The ids queued again.
+    """
+    if not failed_ids:
+        return []
+    columns = (
+        images.c.id,
+        images.c.path,
+        images.c.sha256,
+        images.c.status,
+        images.c.duplicate_of,
+        images.c.sop_instance_uid,
+        images.c.frame_number,
+    )
+    queued: list[int] = []
+    for chunk in chunks(sorted(set(failed_ids))):
+        failed = {
+            row.id: row
+            for row in conn.execute(
+                select(*columns).where(images.c.id.in_(chunk), images.c.status == "failed")
+            )
+        }
+        heirs: dict[int, list[Any]] = {}
+        for row in conn.execute(
+            select(*columns)
+            .where(images.c.duplicate_of.in_(sorted(failed)), images.c.status == "duplicate")
+            .order_by(images.c.id)
+        ):
+            if row.sha256 is None or row.sha256 != failed[row.duplicate_of].sha256:
+                heirs.setdefault(row.duplicate_of, []).append(row)
+        for original_id, group in sorted(heirs.items()):
+            queued.extend(_hand_over(conn, failed[original_id], group, now))
+    if queued:
+        logger.info("queued again %d duplicate(s) of images that failed", len(queued))
+    return queued
+
+
+def _hand_over(conn: Connection, failed: Any, group: list[Any], now: datetime) -> list[int]:
+    heir = group[0]
+    sop = _sop_value(heir)
+    moved = 0
+    if sop is not None:
+        moved = conn.execute(
+            update(fingerprints)
+            .where(
+                fingerprints.c.kind == "sop",
+                fingerprints.c.value == sop,
+                fingerprints.c.image_id == failed.id,
+            )
+            .values(image_id=heir.id)
+        ).rowcount
+    if moved:
+        conn.execute(
+            update(images)
+            .where(images.c.id == heir.id, images.c.status == "duplicate")
+            .values(
+                status="queued",
+                duplicate_of=None,
+                error_class=None,
+                reason=None,
+                # Claimable at once; a drain that follows retry_after (``process``) takes it in
+                # the same run, though its claims had run dry before the failure was recorded.
+                retry_after=now,
+                finished_at=None,
+                updated_at=now,
+            )
+        )
+        target, rest = heir, group[1:]
+    else:
+        # The fingerprint is no longer the failed image's: whoever holds it is the original.
+        owner = None
+        if sop is not None:
+            owner = conn.execute(
+                select(fingerprints.c.image_id).where(
+                    fingerprints.c.kind == "sop", fingerprints.c.value == sop
+                )
+            ).scalar()
+        if owner is None or owner == failed.id:
+            return []
+        target = _originals(conn, {owner})[owner]
+        original = conn.execute(select(images.c.duplicate_of).where(images.c.id == owner)).scalar()
+        if original is not None:  # point at the original, not at another duplicate
+            target = _originals(conn, {original})[original]
+        rest = [row for row in group if row.id != target.id]
+    update_each(
+        conn,
+        [
+            {
+                "b_id": row.id,
+                "b_original": target.id,
+                "b_reason": duplicate_reason(row.sha256, target),
+            }
+            for row in rest
+        ],
+        duplicate_of=bindparam("b_original"),
+        reason=bindparam("b_reason"),
+        updated_at=now,
+    )
+    return [heir.id] if moved else []

@@ -18,6 +18,7 @@ from bonewatch.db.records import (
     PredictionRecord,
     prediction_values,
 )
+from bonewatch.db.registration import hand_over_duplicates
 from bonewatch.db.schema import images, study_results, utcnow
 from bonewatch.db.schema import predictions as prediction_table
 
@@ -35,7 +36,9 @@ def record_results(
 
     A prediction already stored for the same (image, bundle, version) is left as it is, so a
     replayed message never doubles a row. Each image gets its final status and reason, its lease
-    is cleared, and ``study_results`` is recomputed for every study that got a prediction.
+    is cleared, and ``study_results`` is recomputed for every study that got a prediction. An
+    image that ends ``failed`` hands its duplicates with other bytes over
+    (:func:`~bonewatch.db.registration.hand_over_duplicates`): one of them is queued again.
 
     With ``worker_id``, only images that worker still holds are recorded: a worker whose lease
     ran out and was taken over must not overwrite what the new holder records.
@@ -93,6 +96,9 @@ def record_results(
                 columns=func.coalesce(bindparam("b_columns"), images.c.columns),
             )
         _finish_images(conn, failures, FAILURE_IMAGE_FIELDS, now)
+        # A copy with other bytes that was registered as this image's duplicate is processed
+        # now instead (in this transaction): a failure must not keep it a duplicate for ever.
+        hand_over_duplicates(conn, [f.image_id for f in failures if f.status == "failed"], now)
         if predictions:
             image_ids = sorted({p.image_id for p in predictions})
             studies: set[str] = set()

@@ -25,6 +25,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    func,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -206,9 +207,174 @@ class StudyResult(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+class Study(Base):
+    """When a study's instances arrived, and when it counted as complete.
+
+    ``last_received_at`` moves with each new instance (a re-send of one already registered does
+    not count); ``stable_at`` is set once nothing new arrived for the configured quiet time, and
+    cleared again if a late instance comes.
+    """
+
+    __tablename__ = "studies"
+
+    study_uid: Mapped[str] = mapped_column(String(128), primary_key=True)
+    first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    n_received: Mapped[int] = mapped_column(Integer, default=0)
+    stable_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_studies_unstable", "stable_at", "last_received_at"),)
+
+
+# The review web app (`bonewatch serve`): its accounts, the reviewers' verdicts, the audit trail.
+ROLES: tuple[str, ...] = ("reviewer", "admin")
+VERDICTS: tuple[str, ...] = ("agree", "disagree")
+LABELS: tuple[str, ...] = ("positive", "negative")
+
+
+class User(Base):
+    """A web app account. Only a slow salted hash of the password is kept (argon2id)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16), default="reviewer")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (CheckConstraint(_in_list("role", ROLES), name="role"),)
+
+
+class Review(Base):
+    """One reviewer's verdict on one bundle version's result for a study. Never overwritten and
+    never overwriting: a later verdict is a new row, and predictions stay as they are."""
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(String(128))
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
+    # The account, while it exists; the name stays when it is removed.
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    reviewer: Mapped[str] = mapped_column(String(64))
+    verdict: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str] = mapped_column(String(16))
+    part: Mapped[str | None] = mapped_column(String(32))
+    comment: Mapped[str | None] = mapped_column(Text)
+    bundle_name: Mapped[str] = mapped_column(String(128))
+    bundle_version: Mapped[str] = mapped_column(String(64))
+    # What the model said when the verdict was given (the study's result can change later).
+    model_label: Mapped[str | None] = mapped_column(String(16))
+    model_score: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        Index("ix_reviews_study_uid", "study_uid", "id"),
+        Index("ix_reviews_user_id", "user_id"),
+        CheckConstraint(_in_list("verdict", VERDICTS), name="verdict"),
+        CheckConstraint(_in_list("label", LABELS), name="label"),
+    )
+
+
+class AuditEvent(Base):
+    """Who did what in the web app: logins, study views, reviews."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    username: Mapped[str | None] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32))
+    study_uid: Mapped[str | None] = mapped_column(String(128))
+    review_id: Mapped[int | None] = mapped_column(ForeignKey("reviews.id", ondelete="SET NULL"))
+    client: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (
+        Index("ix_audit_events_created_at", "created_at"),
+        Index("ix_audit_events_study_uid", "study_uid"),
+        Index("ix_audit_events_user_id", "user_id"),
+    )
+
+
+# The outbox of results sent back to PACS (migration 0004): one row per (object, destination).
+DELIVERY_STATUSES: tuple[str, ...] = ("pending", "sent", "failed")
+DELIVERY_KINDS: tuple[str, ...] = ("sr", "sc")
+
+
+class Delivery(Base):
+    """One DICOM result object (an SR, or a Secondary Capture of one image) for one destination.
+
+    The object itself is never stored: it is rebuilt from the results and the source headers at
+    each attempt, with the same deterministic UIDs, so a re-send replaces it in the PACS.
+    """
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(String(128))
+    bundle_name: Mapped[str] = mapped_column(String(128))
+    bundle_version: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))
+    sop_instance_uid: Mapped[str] = mapped_column(String(128))
+    source_sop_instance_uid: Mapped[str | None] = mapped_column(String(128))
+    destination: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    sent_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "destination"),
+        Index("ix_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_deliveries_study_uid", "study_uid"),
+        CheckConstraint(_in_list("status", DELIVERY_STATUSES), name="status"),
+        CheckConstraint(_in_list("kind", DELIVERY_KINDS), name="kind"),
+    )
+
+
+# Worklist indexes on the tables above (migration 0003 creates them): a bundle version's
+# studies by score and by distance from the threshold, a study's images by status, the studies
+# by arrival. The sorts read them in order, so a page costs the same at any depth.
+Index(
+    "ix_study_results_bundle_score",
+    StudyResult.bundle_name,
+    StudyResult.bundle_version,
+    StudyResult.mean_p_fracture,
+    StudyResult.study_uid,
+)
+Index(
+    "ix_study_results_bundle_uncertainty",
+    StudyResult.bundle_name,
+    StudyResult.bundle_version,
+    func.abs(StudyResult.mean_p_fracture - StudyResult.threshold),
+    StudyResult.study_uid,
+)
+Index(
+    "ix_study_results_bundle_part",
+    StudyResult.bundle_name,
+    StudyResult.bundle_version,
+    StudyResult.body_part,
+    StudyResult.label,
+    StudyResult.mean_p_fracture,
+    StudyResult.study_uid,
+)
+Index("ix_images_status_study", Image.status, Image.study_uid)
+Index("ix_studies_received", Study.last_received_at, Study.study_uid)
+
+
 metadata = Base.metadata
 # Core tables for the ledger's bulk statements (the ORM classes are for schema and migrations).
 images: Table = Image.__table__  # type: ignore[assignment]
 fingerprints: Table = Fingerprint.__table__  # type: ignore[assignment]
 predictions: Table = PredictionRow.__table__  # type: ignore[assignment]
 study_results: Table = StudyResult.__table__  # type: ignore[assignment]
+studies: Table = Study.__table__  # type: ignore[assignment]
+users: Table = User.__table__  # type: ignore[assignment]
+reviews: Table = Review.__table__  # type: ignore[assignment]
+audit_events: Table = AuditEvent.__table__  # type: ignore[assignment]
+deliveries: Table = Delivery.__table__  # type: ignore[assignment]

@@ -10,12 +10,13 @@ import io
 import logging
 import struct
 import zlib
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.pixels import (
     apply_color_lut,
@@ -42,17 +43,20 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from bonewatch.ingest import reduced
 from bonewatch.ingest.errors import (
     CorruptFileError,
+    ImageTooLargeError,
     IngestError,
     NoPixelDataError,
     TruncatedFileError,
     UnsupportedMultiFrameError,
     UnsupportedPixelFormatError,
     UnsupportedTransferSyntaxError,
+    without_values,
 )
 from bonewatch.ingest.phi import patient_hash
-from bonewatch.ingest.raster import luminance
+from bonewatch.ingest.raster import luminance, reduce_blocks, reduction_factor
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +92,27 @@ _ENCODING_PLUGIN = {
 _J2K_MIN_SIDE = 32
 # A preamble-less dataset starts with file meta (0002,xxxx) or identifying (0008,xxxx) elements.
 _FIRST_GROUPS = (0x0002, 0x0008)
+# Bytes looked at to find a dataset without preamble and file meta.
+_SNIFF_BYTES = 4096
+# Space or NUL bytes that may come before such a dataset: one cut from its file meta a byte late
+# keeps the meta's last pad byte (pydicom's no_meta.dcm starts so).
+_MAX_LEADING_PAD = 8
+_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL "
+    b"UN UR US UT UV".split()
+)
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+# The first elements of a dataset are short identifying values, never megabytes.
+_MAX_FIRST_LENGTH = 1 << 16
+_MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+# Elements longer than this are skipped while parsing and read only if asked for (pixel data):
+# a 400 MB private element costs nothing unless something reads it, and nothing does.
+_DEFER_SIZE = 1 << 20
+# The default inflation limit, as read_image's default file-size limit.
+_MAX_INFLATED = 2_000_000_000
+_INFLATE_CHUNK = 1 << 20
+_INFLATED_WINDOW = 1 << 16  # inflated bytes kept behind the read position, for short rewinds
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 
 
 def _register_decoder_plugins() -> None:
@@ -117,77 +142,334 @@ class SourceReadError(Exception):
         self.error = error
 
 
+class _Unnamed:
+    """A stream as pydicom gets it: read, seek and tell, and no name.
+
+    Given a named file, pydicom notes the name and reads a deferred element by opening that name
+    again, which would read whatever the name leads to by then; given this, it reads the stream.
+    """
+
+    def __init__(self, fp: BinaryIO, start: int = 0) -> None:
+        self._fp = fp
+        self._start = start  # where the DICOM data begins in ``fp`` (after leading pad bytes)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._fp.read(size)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            return self._fp.seek(self._start + max(0, offset)) - self._start
+        return self._fp.seek(offset, whence) - self._start
+
+    def tell(self) -> int:
+        return self._fp.tell() - self._start
+
+
+def _elements_at(head: bytes, at: int) -> bool:
+    """Whether two well-formed little-endian elements of group 0002 or 0008 start at ``at``, in
+    ascending order, each explicit or implicit VR, with a short length."""
+    previous = None
+    for _ in range(2):
+        if at + 8 > len(head):
+            return False
+        tag = struct.unpack_from("<HH", head, at)
+        if tag[0] not in _FIRST_GROUPS or (previous is not None and tag <= previous):
+            return False
+        vr = head[at + 4 : at + 6]
+        if vr in _LONG_VRS:
+            if at + 12 > len(head) or head[at + 6 : at + 8] != b"\0\0":
+                return False
+            length, at = struct.unpack_from("<I", head, at + 8)[0], at + 12
+        elif vr in _VRS:
+            length, at = struct.unpack_from("<H", head, at + 6)[0], at + 8
+        else:  # implicit VR: a 4-byte length after the tag
+            length, at = struct.unpack_from("<I", head, at + 4)[0], at + 8
+        if length > _MAX_FIRST_LENGTH:
+            return False
+        at += length
+        previous = tag
+    return True
+
+
+def bare_dataset_start(head: bytes) -> int | None:
+    """Where a DICOM dataset without the Part 10 preamble and file meta starts in ``head``.
+
+    Older systems wrote datasets so: implicit or explicit VR little endian, opening with
+    group 0008 (or a file meta group 0002 without its preamble). Two consecutive well-formed
+    elements must be found, after at most eight bytes of space or NUL padding; only then is the
+    stream parsed (with ``force``). None for anything else.
+    """
+    for skip in range(min(_MAX_LEADING_PAD, len(head)) + 1):
+        if skip and head[skip - 1] not in (0x00, 0x20):
+            return None
+        if _elements_at(head, skip):
+            return skip
+    return None
+
+
+def _dicom_start(fp: BinaryIO) -> int:
+    """Where the DICOM data of ``fp`` begins: 0 for a Part 10 file, else a bare dataset's start."""
+    fp.seek(0)
+    head = fp.read(_SNIFF_BYTES)
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return 0
+    return bare_dataset_start(head) or 0
+
+
+class _InflatedStream:
+    """The dataset of a Deflated Explicit VR Little Endian file (PS3.5 A.5), inflated as read.
+
+    pydicom inflates such a dataset whole before parsing it, so 400 kB on disk can become 2 GB
+    in memory; this inflates in pieces instead and holds only a small window of what it
+    inflated. A forward seek inflates and drops; a seek back past the window starts again from
+    the first compressed byte. More than ``limit`` inflated bytes raise ``ImageTooLargeError``.
+    """
+
+    def __init__(self, source: BinaryIO, start: int, limit: int) -> None:
+        self._source, self._start, self._limit = source, start, limit
+        self._pos = 0
+        self._restart()
+
+    def _restart(self) -> None:
+        self._source.seek(self._start)
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._window = bytearray()
+        self._window_start = 0  # inflated offset of self._window[0]
+
+    @property
+    def _produced(self) -> int:
+        return self._window_start + len(self._window)
+
+    def _inflate_more(self, keep_from: int) -> bool:
+        """Inflate the next piece onto the window, keeping little before ``keep_from``; False
+        once the deflate stream has ended."""
+        inflater = self._inflater
+        if inflater.eof:
+            return False
+        compressed = inflater.unconsumed_tail or self._source.read(_INFLATE_CHUNK)
+        if not compressed:
+            # What zlib.decompress, and so pydicom, says of a cut stream.
+            raise zlib.error("Error -5 while decompressing data: incomplete or truncated stream")
+        piece = inflater.decompress(compressed, _INFLATE_CHUNK)
+        if self._produced + len(piece) > self._limit:
+            raise ImageTooLargeError(
+                f"the deflated DICOM dataset inflates to more than {self._limit} bytes, the "
+                "file-size limit"
+            )
+        self._window += piece
+        drop = min(len(self._window), keep_from - _INFLATED_WINDOW - self._window_start)
+        if drop > 0:
+            del self._window[:drop]
+            self._window_start += drop
+        return True
+
+    def _cover(self, end: int) -> None:
+        """Inflate until the window holds [self._pos, end), or the stream ends."""
+        if self._pos < self._window_start:
+            self._restart()
+        while self._produced < end and self._inflate_more(keep_from=self._pos):
+            pass
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            self._cover(self._limit + 1)
+            size = max(0, self._produced - self._pos)
+        self._cover(self._pos + size)
+        offset = self._pos - self._window_start
+        out = bytes(self._window[offset : offset + size]) if offset >= 0 else b""
+        self._pos += len(out)
+        return out
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_END:
+            # Inflate to the end, holding nothing of it: only its length is wanted.
+            while self._inflate_more(keep_from=self._limit + 1 + _INFLATED_WINDOW):
+                pass
+            offset += self._produced
+        elif whence == io.SEEK_CUR:
+            offset += self._pos
+        if offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = offset
+        return offset
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _at_pixels(tag: int, vr: str | None, length: int) -> bool:
+    return tag in _PIXEL_TAGS
+
+
+def _read_dataset(
+    fp: BinaryIO, *, stop_before_pixels: bool, force: bool, max_inflated: int
+) -> tuple[Dataset, BinaryIO]:
+    """``dcmread`` with large elements deferred and a deflated dataset inflated within bounds.
+
+    Returns the dataset and the stream it was parsed from (deferred elements are read from it).
+    """
+    source = cast(BinaryIO, _Unnamed(fp, _dicom_start(fp)))
+    source.seek(0)
+    # The preamble and file meta as pydicom reads them, so the two agree on "deflated".
+    preamble = read_preamble(source, force)
+    file_meta = _read_file_meta_info(source)
+    start = source.tell()
+    deflated = file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    if not deflated or not source.read(1):
+        source.seek(0)
+        ds = pydicom.dcmread(
+            source, stop_before_pixels=stop_before_pixels, force=force, defer_size=_DEFER_SIZE
+        )
+        return ds, source
+    body = cast(BinaryIO, _InflatedStream(source, start, max_inflated))
+    dataset = read_dataset(
+        body,
+        is_implicit_VR=False,
+        is_little_endian=True,
+        stop_when=_at_pixels if stop_before_pixels else None,
+        defer_size=_DEFER_SIZE,
+    )
+    ds = FileDataset(body, dataset, preamble, file_meta, False, True)
+    ds.set_original_encoding(False, True, dataset._character_set)
+    return ds, body
+
+
 class _Header:
     """A header parse: the dataset without pixels, and where its pixel element starts if any."""
 
-    def __init__(self, ds: Dataset, pixel_offset: int | None) -> None:
+    def __init__(self, ds: Dataset, pixel_offset: int | None, stream: BinaryIO) -> None:
         self.ds = ds
         self.pixel_offset = pixel_offset
+        self.stream = stream
 
 
-def _parse_header(fp: BinaryIO, *, force: bool) -> _Header:
-    fp.seek(0, io.SEEK_END)
-    size = fp.tell()
-    fp.seek(0)
-    ds = pydicom.dcmread(fp, stop_before_pixels=True, force=force)
+def _parse_header(fp: BinaryIO, *, force: bool, max_inflated: int) -> _Header:
+    ds, stream = _read_dataset(fp, stop_before_pixels=True, force=force, max_inflated=max_inflated)
     # stop_before_pixels leaves the stream on the pixel element's tag when there is one.
-    offset = fp.tell()
-    pixel_offset = None
-    if offset < size and fp.read(4) in _PIXEL_TAG_BYTES:
-        pixel_offset = offset
-    return _Header(ds, pixel_offset)
+    offset = stream.tell()
+    pixel_offset = offset if stream.read(4) in _PIXEL_TAG_BYTES else None
+    return _Header(ds, pixel_offset, stream)
 
 
-def is_dicom(fp: BinaryIO) -> bool:
-    """Tell whether a stream holds DICOM: 'DICM' at offset 128, or a bare dataset.
+def is_dicom(fp: BinaryIO, *, max_inflated: int = _MAX_INFLATED) -> bool:
+    """Tell whether a stream holds DICOM: 'DICM' at offset 128, or a bare dataset
+    (:func:`bare_dataset_start`).
 
     Args:
         fp: Seekable binary stream; read from its start.
+        max_inflated: Most bytes a deflated dataset may inflate to.
 
     Returns:
         True for a Part 10 file or a preamble-less dataset pydicom parses into an image-like
         object (one with a SOP Class UID or image dimensions).
+
+    Raises:
+        ImageTooLargeError: A deflated dataset inflates past ``max_inflated``.
     """
     fp.seek(0)
-    head = fp.read(132)
-    if len(head) == 132 and head[128:132] == b"DICM":
+    head = fp.read(_SNIFF_BYTES)
+    if len(head) >= 132 and head[128:132] == b"DICM":
         return True
-    if len(head) < 8:
-        return False
-    group = struct.unpack("<H", head[:2])[0]
-    if group not in _FIRST_GROUPS:
+    if bare_dataset_start(head) is None:
         return False
     try:
-        ds = _parse_header(fp, force=True).ds
+        ds = _parse_header(fp, force=True, max_inflated=max_inflated).ds
         return any(k in ds for k in ("SOPClassUID", "SOPInstanceUID", "Rows"))
-    except SourceReadError:
+    except (SourceReadError, ImageTooLargeError):
         raise
     except Exception:  # noqa: BLE001 - any parse failure on a guess just means "not DICOM"
         return False
 
 
-def read_dicom_header(fp: BinaryIO, *, salt: str) -> dict[str, Any]:
+def read_dicom_header(
+    fp: BinaryIO, *, salt: str, max_inflated: int = _MAX_INFLATED
+) -> dict[str, Any]:
     """Read the identifying and image-describing header fields, never the pixels.
 
-    PatientID leaves only as ``patient_hash`` = sha256(salt + PatientID); PatientName is never
-    read.
+    PatientID leaves only as ``patient_hash`` = HMAC-SHA256(salt, PatientID); PatientName is never
+    read. Elements over 1 MB are skipped, not read; a deflated dataset is inflated in pieces, to
+    its end, so one that inflates past ``max_inflated`` is refused here already.
 
     Args:
         fp: Seekable binary stream of a file ``is_dicom`` accepted.
         salt: Site secret mixed into the patient hash.
+        max_inflated: Most bytes a deflated dataset may inflate to.
 
     Returns:
         ``ImageMeta`` keyword arguments (format, rows, columns, UIDs, modality, ...).
 
     Raises:
         CorruptFileError: The header cannot be parsed.
+        ImageTooLargeError: A deflated dataset inflates past ``max_inflated``.
     """
-    header = _parse_or_raise(fp)
+    header = _parse_or_raise(fp, max_inflated)
+    try:
+        header.stream.seek(0, io.SEEK_END)  # inflates the rest of a deflated dataset, bounded
+    except zlib.error as exc:
+        raise CorruptFileError(f"DICOM header cannot be parsed: {exc}") from exc
     try:
         # Elements are converted lazily: a damaged VR or length only surfaces on access.
+        if header.pixel_offset is None:
+            refusal = _not_an_image_object(header.ds)
+            if refusal is not None:
+                raise refusal
         return _header_fields(header.ds, salt)
     except _PARSE_ERRORS as exc:
-        raise CorruptFileError(f"DICOM header cannot be parsed: {exc}") from exc
+        raise CorruptFileError(f"DICOM header cannot be parsed: {_message(exc)}") from exc
+
+
+# What DICOM objects without an image are, by words of their SOP class name (first match).
+_OBJECT_LABELS: tuple[tuple[str, str], ...] = (
+    ("Key Object Selection", "a key object selection (KOS)"),
+    ("SR Storage", "a structured report (SR)"),
+    ("Structured Report", "a structured report (SR)"),
+    ("Presentation State", "a presentation state"),
+    ("Encapsulated PDF", "an encapsulated PDF"),
+    ("Encapsulated CDA", "an encapsulated CDA document"),
+    ("Encapsulated", "an encapsulated document"),
+    ("RT Ion Plan", "an RT Plan"),
+    ("RT Plan", "an RT Plan"),
+    ("RT Structure Set", "an RT Structure Set"),
+    ("RT Dose", "an RT Dose"),
+    ("Waveform", "a waveform"),
+    ("Raw Data", "raw data"),
+    ("Spatial Registration", "a spatial registration"),
+    ("Spatial Fiducials", "spatial fiducials"),
+    ("Segmentation", "a segmentation"),
+    ("Hanging Protocol", "a hanging protocol"),
+)
+
+
+def _object_label(name: str) -> str:
+    for words, label in _OBJECT_LABELS:
+        if words in name:
+            return label
+    stem = name.removesuffix(" Storage")
+    article = "an" if stem[:1] in "AEIOU" or stem.startswith("RT ") else "a"
+    return f"{article} {stem} object"
+
+
+def _not_an_image_object(ds: Dataset) -> NoPixelDataError | None:
+    """The refusal for a DICOM object that is no image by its nature, told from its header.
+
+    A DICOMDIR, or a SOP class pydicom names that is no image class (a plan, a report, a
+    presentation state, a document...). None for anything that may be an image (an image class
+    that lost its pixels, an unlisted class): decoding says what is wrong with those.
+    """
+    if "Rows" in ds or "Columns" in ds:
+        return None
+    file_meta = getattr(ds, "file_meta", None)
+    media_class = _text(file_meta, "MediaStorageSOPClassUID") if file_meta is not None else None
+    sop_class = _text(ds, "SOPClassUID") or media_class
+    if "DirectoryRecordSequence" in ds or sop_class == _MEDIA_STORAGE_DIRECTORY:
+        # The index of a CD or DVD export; the images it lists are files of their own.
+        return NoPixelDataError("a DICOMDIR media directory, not an image")
+    if not sop_class:
+        return None
+    uid = UID(sop_class)
+    if not uid.is_valid or uid.name == str(uid) or "Image" in uid.name:
+        return None
+    return NoPixelDataError(f"{_object_label(uid.name)}, not an image ({uid.name}, {uid})")
 
 
 # What pydicom raises on damaged bytes; each becomes a CorruptFileError with its message.
@@ -206,15 +488,20 @@ _PARSE_ERRORS = (
 )
 
 
-def _parse_or_raise(fp: BinaryIO) -> _Header:
+def _message(exc: BaseException) -> str:
+    """A library's message for a reason: the values it quotes from the file left out."""
+    return without_values(str(exc))
+
+
+def _parse_or_raise(fp: BinaryIO, max_inflated: int) -> _Header:
     try:
-        return _parse_header(fp, force=True)
+        return _parse_header(fp, force=True, max_inflated=max_inflated)
     except SourceReadError:
         raise
     except (EOFError, struct.error) as exc:
-        raise TruncatedFileError(f"DICOM header ends early: {exc}") from exc
+        raise TruncatedFileError(f"DICOM header ends early: {_message(exc)}") from exc
     except _PARSE_ERRORS as exc:
-        raise CorruptFileError(f"DICOM header cannot be parsed: {exc}") from exc
+        raise CorruptFileError(f"DICOM header cannot be parsed: {_message(exc)}") from exc
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -259,6 +546,7 @@ def _header_fields(ds: Dataset, salt: str) -> dict[str, Any]:
             "series_uid": _text(ds, "SeriesInstanceUID"),
             "sop_instance_uid": _text(ds, "SOPInstanceUID"),
             "sop_class_uid": _text(ds, "SOPClassUID"),
+            "sop_class_name": _sop_class_name(_text(ds, "SOPClassUID")),
             "patient_hash": patient_hash(salt, patient_id) if patient_id else None,
             "modality": _text(ds, "Modality"),
             "body_part_examined": _text(ds, "BodyPartExamined"),
@@ -269,8 +557,16 @@ def _header_fields(ds: Dataset, salt: str) -> dict[str, Any]:
             "number_of_frames": _int(ds, "NumberOfFrames"),
         }
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError, UnicodeError) as exc:
-        raise CorruptFileError(f"DICOM header has an unreadable value: {exc}") from exc
+        raise CorruptFileError(f"DICOM header has an unreadable value: {_message(exc)}") from exc
     return fields
+
+
+def _sop_class_name(sop_class: str | None) -> str | None:
+    """The standard's name of a SOP class UID, or None when pydicom does not know it."""
+    if not sop_class:
+        return None
+    uid = UID(sop_class)
+    return uid.name if uid.is_valid and uid.name != str(uid) else None
 
 
 def _syntax_label(tsyntax: UID) -> str:
@@ -290,7 +586,7 @@ def _choose_decoding_plugin(tsyntax: UID) -> str:
         UnsupportedTransferSyntaxError: No installed plugin decodes ``tsyntax``.
     """
     if not tsyntax.is_valid:
-        raise CorruptFileError(f"the transfer syntax UID {tsyntax!r} is damaged")
+        raise CorruptFileError("the transfer syntax UID is damaged: it is not a valid UID")
     try:
         decoder = get_decoder(tsyntax)
     except (NotImplementedError, ValueError) as exc:
@@ -327,20 +623,28 @@ def _check_single_frame(ds: Dataset) -> None:
         raise UnsupportedMultiFrameError.for_frames(frames)
 
 
-def _check_declared_length(ds: Dataset) -> None:
+def _check_declared_length(ds: Dataset, stream: BinaryIO) -> None:
     """A native pixel element that declares more bytes than the file holds is a partial copy.
 
     pydicom reads what is there without complaint, so a 2 GB claim in a 2 kB file would
-    otherwise pass whenever the rows and columns happen to fit in what was read.
+    otherwise pass whenever the rows and columns happen to fit in what was read. A deferred
+    element (not read yet) is measured against the end of ``stream``.
     """
-    raw = ds.get_item("PixelData")
+    raw = ds.get_item("PixelData", keep_deferred=True)
     length = getattr(raw, "length", None)
     value = getattr(raw, "value", None)
-    if length is None or length == 0xFFFFFFFF or not isinstance(value, bytes | bytearray):
+    value_tell = getattr(raw, "value_tell", None)
+    if length is None or length == 0xFFFFFFFF:
         return
-    if len(value) < length:
+    if isinstance(value, bytes | bytearray):
+        held = len(value)
+    elif value is None and value_tell is not None:
+        held = max(0, min(length, stream.seek(0, io.SEEK_END) - value_tell))
+    else:
+        return
+    if held < length:
         raise TruncatedFileError(
-            f"pixel data element declares {length} bytes but the file holds {len(value)}: "
+            f"pixel data element declares {length} bytes but the file holds {held}: "
             "the file is cut short or its header is damaged"
         )
 
@@ -372,15 +676,24 @@ def _without_pixels(ds: Dataset, header: _Header) -> IngestError:
     return NoPixelDataError(f"DICOM object has no pixel data: {label} ({sop_class})")
 
 
-def decode_dicom(data: bytes) -> np.ndarray:
+def decode_dicom(
+    data: bytes,
+    *,
+    max_inflated: int = _MAX_INFLATED,
+    max_side: int | None = None,
+    min_side: int | None = None,
+) -> np.ndarray:
     """Decode a single-frame DICOM image to display grey float32 (H, W) in [0, 1].
 
     An object of more than one frame is refused: bonewatch reads single-frame radiographs, and
     a cine loop or tomosynthesis stack is not one. Modality and VOI transforms come from the
-    top-level dataset.
+    top-level dataset. Elements over 1 MB other than the pixels are never read.
 
     Args:
         data: The whole file.
+        max_inflated: Most bytes a deflated dataset may inflate to.
+        max_side: A longer image has its stored values averaged down by a whole factor right
+            after decoding, before any float array of full size exists; None keeps every pixel.
 
     Raises:
         NoPixelDataError: The object has no image (SR, presentation state, ...).
@@ -389,14 +702,19 @@ def decode_dicom(data: bytes) -> np.ndarray:
         TruncatedFileError: The pixel data ends early.
         CorruptFileError: The pixel data or its describing attributes are damaged.
         UnsupportedPixelFormatError: A photometric interpretation that has no grey rendering.
+        ImageTooLargeError: A deflated dataset inflates past ``max_inflated``.
     """
-    header = _parse_or_raise(io.BytesIO(data))
+    header = _parse_or_raise(io.BytesIO(data), max_inflated)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        ds, stream = _read_dataset(
+            io.BytesIO(data), stop_before_pixels=False, force=True, max_inflated=max_inflated
+        )
+    except SourceReadError:
+        raise
     except (EOFError, struct.error) as exc:
-        raise TruncatedFileError(f"DICOM file ends early: {exc}") from exc
+        raise TruncatedFileError(f"DICOM file ends early: {_message(exc)}") from exc
     except _PARSE_ERRORS as exc:
-        raise CorruptFileError(f"DICOM file cannot be parsed: {exc}") from exc
+        raise CorruptFileError(f"DICOM file cannot be parsed: {_message(exc)}") from exc
 
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         raise _without_pixels(ds, header)
@@ -405,8 +723,8 @@ def decode_dicom(data: bytes) -> np.ndarray:
 
     try:
         _check_single_frame(ds)
-        _check_declared_length(ds)
-        return _render_grey(ds)
+        _check_declared_length(ds, stream)
+        return _render_grey(ds, max_side, min_side)
     except IngestError:
         raise
     except MemoryError:
@@ -417,13 +735,15 @@ def decode_dicom(data: bytes) -> np.ndarray:
         ZeroDivisionError,
         struct.error,
     ) as exc:
-        raise CorruptFileError(f"DICOM image attributes are inconsistent: {exc}") from exc
+        raise CorruptFileError(f"DICOM image attributes are inconsistent: {_message(exc)}") from exc
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as exc:
         # Decoder plugins written in Rust report a panic as pyo3's PanicException, which
         # derives from BaseException; on damaged pixel data it must cost this file only.
-        raise CorruptFileError(f"the pixel decoder failed: {type(exc).__name__}: {exc}") from exc
+        raise CorruptFileError(
+            f"the pixel decoder failed: {type(exc).__name__}: {_message(exc)}"
+        ) from exc
 
 
 def _decode_first_frame(ds: Dataset) -> np.ndarray:
@@ -446,7 +766,7 @@ def _decode_first_frame(ds: Dataset) -> np.ndarray:
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - third-party codecs raise anything on bad streams
-        message = str(exc)
+        message = _message(exc)
         if "less than expected" in message or isinstance(exc, EOFError):
             raise TruncatedFileError(f"pixel data ends early ({_syntax_label(tsyntax)})") from exc
         raise CorruptFileError(
@@ -454,21 +774,28 @@ def _decode_first_frame(ds: Dataset) -> np.ndarray:
         ) from exc
 
 
-def _render_grey(ds: Dataset) -> np.ndarray:
-    arr = _decode_first_frame(ds)
+def _render_grey(
+    ds: Dataset, max_side: int | None = None, min_side: int | None = None
+) -> np.ndarray:
+    # JPEG 2000 and 8-bit JPEG at the smallest scale covering min_side (ingest/reduced.py).
+    arr = reduced.dicom_frame_reduced(ds, min_side)
+    if arr is None:
+        arr = _decode_first_frame(ds)
+    factor = reduction_factor(arr.shape[0], arr.shape[1], max_side)
     photometric = str(ds.PhotometricInterpretation).strip().upper()
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         if arr.ndim != 2:
             raise CorruptFileError(f"{photometric} pixel data has shape {arr.shape}, not (H, W)")
-        return _render_monochrome(arr, ds, photometric).astype(np.float32)
+        return _render_monochrome(arr, ds, photometric, factor).astype(np.float32)
     if photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(arr, _palette_in_native_order(ds))
+        # Palette indices are labels, not values: average the colours they stand for.
+        rgb = reduce_blocks(apply_color_lut(arr, _palette_in_native_order(ds)), factor)
         depth = int(ds.RedPaletteColorLookupTableDescriptor[2])
         return luminance(rgb, float(2**depth - 1)).astype(np.float32)
     if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"):
         # pixel_array converts YBR to RGB by default, and J2K codecs undo ICT/RCT themselves.
         max_value = float(2 ** int(ds.get("BitsStored") or ds.BitsAllocated) - 1)
-        return luminance(arr, max_value).astype(np.float32)
+        return luminance(reduce_blocks(arr, factor), max_value).astype(np.float32)
     raise UnsupportedPixelFormatError(f"photometric interpretation {photometric} is not supported")
 
 
@@ -570,11 +897,15 @@ def _apply_modality(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     return table[index]
 
 
-def _render_monochrome(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+def _render_monochrome(
+    arr: np.ndarray, ds: Dataset, photometric: str, factor: int = 1
+) -> np.ndarray:
     bits_stored = int(ds.get("BitsStored") or ds.BitsAllocated)
     if arr.dtype.kind == "u" and bits_stored < arr.dtype.itemsize * 8:
         # Bits above BitsStored may hold retired overlays; they are not part of the value.
         arr = np.bitwise_and(arr, (1 << bits_stored) - 1)
+    # Averaged as stored integers (after the overlay bits are gone), so LUTs still index them.
+    arr = reduce_blocks(arr, factor)
     values = _apply_modality(arr, ds)
     grey = _apply_voi_normalised(values, ds)
     shape = str(ds.get("PresentationLUTShape") or "").strip().upper()

@@ -7,6 +7,8 @@ are not in this family: they propagate as ``OSError`` so the caller can retry th
 
 from __future__ import annotations
 
+import re
+
 
 def printable(text: str) -> str:
     """``text`` on one line, with control characters and lone surrogates written as escapes.
@@ -21,6 +23,20 @@ def printable(text: str) -> str:
         char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
         for char in text
     )
+
+
+# A quoted literal in a library's message: 'x', "x", b'x' or b"x" (no escapes inside).
+_QUOTED = re.compile(r"(?<!\w)b?'[^'\n]*'|(?<!\w)b?\"[^\"\n]*\"")
+
+
+def without_values(message: str) -> str:
+    """A decoder's or parser's message with the values it quotes left out.
+
+    pydicom and Pillow quote what they could not parse (``invalid literal for int(): 'SMITH'``,
+    ``broken PNG file (chunk b'...')``); those are bytes of the file, and a reason must say what
+    is wrong without repeating the file's content. Each quoted literal becomes ``'…'``.
+    """
+    return _QUOTED.sub("'…'", message)
 
 
 class IngestError(Exception):
@@ -55,7 +71,34 @@ class FileChangedError(IngestError):
 
 
 class NotAnImageError(IngestError):
-    """The bytes are neither DICOM nor a supported raster format."""
+    """The bytes are neither DICOM nor a supported raster format, nor anything else known."""
+
+
+class NonImageFileError(IngestError):
+    """A file that is plainly no image: text, CSV, HTML, JSON, a PDF, Thumbs.db, .DS_Store...
+
+    It is a valid file of another kind, so ``unsupported``; the reason says what it is.
+    """
+
+    status = "unsupported"
+
+
+class UnsupportedFormatError(IngestError):
+    """An image in a format bonewatch does not read (GIF, TIFF, BMP, WebP, bare JPEG 2000)."""
+
+    status = "unsupported"
+
+
+class UnsupportedArchiveError(IngestError):
+    """An archive, or an archive member, that is not read: one inside another, encrypted, or
+    compressed with a method that is not available."""
+
+    status = "unsupported"
+
+
+class UnsafeArchiveMemberError(IngestError):
+    """An archive member whose name is absolute or climbs out with ``..``: never read, and its
+    name is kept only escaped."""
 
 
 class CorruptFileError(IngestError):
@@ -71,13 +114,20 @@ class ImageTooLargeError(IngestError):
 
 
 class NoPixelDataError(IngestError):
-    """A DICOM object without an image (structured report, presentation state, ...)."""
+    """A DICOM object without an image (DICOMDIR, RT Plan, structured report, presentation
+    state, ...)."""
 
     status = "unsupported"
 
 
 class UnsupportedModalityError(IngestError):
     """A modality that is not a projection radiograph (CT, MR, US, ...)."""
+
+    status = "unsupported"
+
+
+class ImageTooSmallError(IngestError):
+    """A matrix too small for the serving bundle's input: a thumbnail, an icon, a test pattern."""
 
     status = "unsupported"
 

@@ -1,8 +1,12 @@
 """What bonewatch accepts: single-frame projection radiographs of the upper limb.
 
-The policy only rejects what a header states plainly (a CT slice, a chest film, a cine loop of
-many frames). Anything vague (``EXTREMITY``, ``ARM``, an empty or unknown ``BodyPartExamined``)
-passes, so the body-part model decides.
+A DICOM must show that it is a projection radiograph: Modality CR, DX or RG, or (without a
+Modality) a CR or DX image SOP class. A Secondary Capture that says CR or DX is a scanned film
+and is read. Otherwise the policy only rejects what a header states plainly (a CT slice, a chest
+film, a cine loop of many frames). Anything vague (``EXTREMITY``, ``ARM``, an empty or unknown
+``BodyPartExamined``) passes, so the body-part model decides. PNG and JPEG files carry no
+modality; MURA is PNG, so they pass. A matrix too small for the serving bundle's input is
+refused where the bundle is known (``input_size``).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import re
 
 from bonewatch.ingest.errors import (
+    ImageTooSmallError,
     UnsupportedBodyPartError,
     UnsupportedModalityError,
     UnsupportedMultiFrameError,
@@ -18,6 +23,12 @@ from bonewatch.ingest.mura import MURA_PARTS
 from bonewatch.ingest.types import ImageMeta
 
 ACCEPTED_MODALITIES: tuple[str, ...] = ("CR", "DX", "RG")
+# The image SOP classes of projection radiographs: CR, and DX for presentation and for processing.
+RADIOGRAPH_SOP_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.1": "Computed Radiography Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+}
 
 # Words and run-together phrases (DICOM CS values often drop the space) naming one MURA part.
 _PART_WORDS: dict[str, str] = {
@@ -175,25 +186,74 @@ def _names_any_mura_part(body_part_examined: str) -> bool:
     return any(c in _PART_WORDS for c in _candidates(_words(body_part_examined)))
 
 
-def check_acceptance(meta: ImageMeta) -> None:
+def minimum_side(input_size: int) -> int:
+    """The shortest side an image needs for a model input of ``input_size`` px: half of it.
+
+    Smaller, the image would be blown up more than twice to fill the input: a thumbnail, an
+    icon or a test pattern, never a radiograph the model could read.
+    """
+    return max(1, input_size // 2)
+
+
+def check_matrix(meta: ImageMeta, input_size: int) -> None:
+    """Refuse a matrix too small for a model input of ``input_size`` px (:func:`minimum_side`).
+
+    Raises:
+        ImageTooSmallError: Rows or columns are below the minimum.
+    """
+    if meta.rows is None or meta.columns is None:
+        return
+    need = minimum_side(input_size)
+    if min(meta.rows, meta.columns) < need:
+        raise ImageTooSmallError(
+            f"a {meta.rows}×{meta.columns} matrix is too small for this bundle's {input_size} px "
+            f"input (at least {need} px a side)"
+        )
+
+
+def _check_radiograph(meta: ImageMeta) -> None:
+    """A DICOM must show it is a projection radiograph: by Modality, or by its SOP class."""
+    modality = (meta.modality or "").strip().upper()
+    if modality:
+        if modality not in ACCEPTED_MODALITIES:
+            raise UnsupportedModalityError(
+                f"modality {modality} is not a projection radiograph; bonewatch reads CR, DX and RG"
+            )
+        return
+    if meta.format != "dicom" or meta.sop_class_uid in RADIOGRAPH_SOP_CLASSES:
+        return
+    if meta.sop_class_uid:
+        what = meta.sop_class_name or f"an unlisted SOP class ({meta.sop_class_uid})"
+        what = f"a {what}" if meta.sop_class_name else what
+    else:
+        what = "a DICOM image without a SOP Class UID"
+    raise UnsupportedModalityError(
+        f"{what} without a Modality shows no sign of being a projection radiograph; bonewatch "
+        "reads Modality CR, DX and RG, or the CR and DX image SOP classes"
+    )
+
+
+def check_acceptance(meta: ImageMeta, *, input_size: int | None = None) -> None:
     """Reject images the header shows are not upper-limb projection radiographs.
 
-    A missing modality (PNG/JPEG, or a DICOM without the tag) passes, and so does any body part
-    value that is vague or also names an upper-limb part: the body-part model has the last word.
+    A DICOM passes with Modality CR, DX or RG (a Secondary Capture so labelled is a scanned
+    film), or without a Modality when its SOP class is the CR or a DX image class. PNG and JPEG
+    pass. Any body part value that is vague or also names an upper-limb part passes: the
+    body-part model has the last word.
 
     Args:
         meta: The header of the image.
+        input_size: The serving bundle's model input side, in pixels, when known: a smaller
+            matrix than :func:`minimum_side` of it is refused.
 
     Raises:
-        UnsupportedModalityError: The modality is not CR, DX or RG.
+        UnsupportedModalityError: The modality is not CR, DX or RG, or a DICOM without a
+            Modality is of no radiograph SOP class.
         UnsupportedMultiFrameError: The object has more than one frame.
         UnsupportedBodyPartError: BodyPartExamined names only regions outside the seven parts.
+        ImageTooSmallError: The matrix is too small for ``input_size``.
     """
-    modality = (meta.modality or "").strip().upper()
-    if modality and modality not in ACCEPTED_MODALITIES:
-        raise UnsupportedModalityError(
-            f"modality {modality} is not a projection radiograph; bonewatch reads CR, DX and RG"
-        )
+    _check_radiograph(meta)
     if meta.number_of_frames is not None and meta.number_of_frames > 1:
         raise UnsupportedMultiFrameError.for_frames(meta.number_of_frames)
     body_part = (meta.body_part_examined or "").strip()
@@ -202,3 +262,5 @@ def check_acceptance(meta: ImageMeta) -> None:
             f"body part {body_part.upper()} is outside the upper limb; bonewatch reads "
             + ", ".join(MURA_PARTS)
         )
+    if input_size is not None:
+        check_matrix(meta, input_size)

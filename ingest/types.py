@@ -25,6 +25,7 @@ class ImageMeta:
     series_uid: str | None = None
     sop_instance_uid: str | None = None
     sop_class_uid: str | None = None
+    sop_class_name: str | None = None  # the standard's name of sop_class_uid, when known
     patient_hash: str | None = None  # salted sha256 of PatientID; the ID itself is never kept
     modality: str | None = None
     body_part_examined: str | None = None

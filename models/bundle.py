@@ -25,12 +25,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from bonewatch.models.engines import (
     AUTO,
     ENGINES,
+    ONNX_ENGINES,
+    PRECISIONS,
     InferenceThreads,
     KerasPredictor,
     OnnxPredictor,
+    OpenVinoPredictor,
     Predictor,
     configure_tensorflow_threads,
+    cpu_supports_bf16,
+    import_tensorflow,
     onnxruntime_available,
+    openvino_available,
 )
 from bonewatch.models.preprocess import PreprocessSpec
 
@@ -56,6 +62,16 @@ class OnnxExport(BaseModel):
     max_abs_diff: float = Field(ge=0.0, description="largest |keras - onnx| seen at export")
 
 
+class Int8Model(BaseModel):
+    """The statically quantized (QDQ, S8S8) ONNX model of one entry: ``bundle quantize``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    file: str
+    sha256: str
+    max_abs_diff: float = Field(ge=0.0, description="largest |fp32 - int8| on parity inputs")
+
+
 class ModelEntry(BaseModel):
     """One Keras model inside a bundle, and its ONNX export when there is one."""
 
@@ -66,6 +82,7 @@ class ModelEntry(BaseModel):
     preprocessing: dict[str, Any]
     backbone: str = "small_cnn"
     onnx: OnnxExport | None = None
+    int8: Int8Model | None = None
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -111,6 +128,10 @@ class Manifest(BaseModel):
         """Whether every model has an ONNX export recorded."""
         return all(entry.onnx is not None for entry in self.models().values())
 
+    def has_int8(self) -> bool:
+        """Whether every model has an int8 model recorded (``bonewatch bundle quantize``)."""
+        return all(entry.int8 is not None for entry in self.models().values())
+
 
 @dataclass(frozen=True)
 class Bundle:
@@ -121,11 +142,17 @@ class Bundle:
     body_part_model: Predictor
     fracture_models: dict[str, Predictor]
     engine: str = "keras"
+    precision: str = "fp32"
     _warm: set[int] = field(default_factory=set, compare=False, repr=False)
 
     @property
     def name(self) -> str:
         return self.manifest.name
+
+    @property
+    def served_as(self) -> str:
+        """``engine/precision``, as recorded with each prediction (``onnx/int8``)."""
+        return f"{self.engine}/{self.precision}"
 
     def predictors(self) -> list[tuple[Predictor, PreprocessSpec]]:
         """Every model with the input spec it takes, stage 1's first, each model once."""
@@ -213,19 +240,40 @@ def _checked_file(bundle_dir: Path, name: str, sha256: str, what: str) -> Path:
 def load_keras_model(bundle_dir: Path, entry: ModelEntry) -> Any:
     """The Keras model of one manifest entry, after checking its weights file's sha256."""
     weights = _checked_file(bundle_dir, entry.weights, entry.sha256, "weights file")
+    import_tensorflow()  # the Keras backend, without its start-up lines
     import keras  # only models/ imports keras, and only when a bundle is loaded
 
     return keras.saving.load_model(weights, compile=False)
 
 
-def _load_onnx(bundle_dir: Path, entry: ModelEntry, threads: InferenceThreads) -> Predictor:
+def onnx_file(bundle_dir: Path, entry: ModelEntry, precision: str) -> Path:
+    """The checked ONNX file of ``entry`` for ``precision``: the int8 graph for int8, the
+    exported fp32 graph otherwise (bf16 runs the fp32 graph)."""
+    if precision == "int8":
+        if entry.int8 is None:  # resolve_precision has ruled this out
+            raise BundleError(f"{entry.weights} has no int8 model")
+        return _checked_file(bundle_dir, entry.int8.file, entry.int8.sha256, "int8 ONNX model")
     if entry.onnx is None:  # resolve_engine has ruled this out
         raise BundleError(f"{entry.weights} has no ONNX export")
-    path = _checked_file(bundle_dir, entry.onnx.file, entry.onnx.sha256, "ONNX model")
+    return _checked_file(bundle_dir, entry.onnx.file, entry.onnx.sha256, "ONNX model")
+
+
+def _load_onnx(
+    bundle_dir: Path,
+    entry: ModelEntry,
+    threads: InferenceThreads,
+    engine: str = "onnx",
+    precision: str = "fp32",
+) -> Predictor:
+    path = onnx_file(bundle_dir, entry, precision)
     try:
-        predictor = OnnxPredictor(path, threads)
-    except Exception as exc:  # onnxruntime raises its own unrelated classes for a bad file
-        raise BundleError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+        predictor: OnnxPredictor | OpenVinoPredictor
+        if engine == "openvino":
+            predictor = OpenVinoPredictor(path, threads, precision)
+        else:
+            predictor = OnnxPredictor(path, threads)
+    except Exception as exc:  # the runtimes raise their own unrelated classes for a bad file
+        raise BundleError(f"{engine} cannot load {path}: {exc}") from exc
     spec = entry.spec
     expected = (spec.input_size, spec.input_size, spec.channels)
     if tuple(predictor.input_shape[1:]) != expected:
@@ -240,7 +288,8 @@ def resolve_engine(manifest: Manifest, requested: str = AUTO) -> str:
     """The engine a bundle is served with.
 
     ``auto`` picks ONNX Runtime when every model has an ONNX export and onnxruntime is
-    installed (it was the faster engine in ``bonewatch bench``), else Keras.
+    installed (it was the faster engine in ``bonewatch bench``), else Keras. OpenVINO is served
+    when asked for (``openvino``), after its parity check against ONNX Runtime at load.
 
     Raises:
         BundleError: ``onnx`` was asked for and the bundle or the environment cannot provide it,
@@ -258,13 +307,84 @@ def resolve_engine(manifest: Manifest, requested: str = AUTO) -> str:
             )
         if not onnxruntime_available():
             raise BundleError("the onnx engine needs the onnxruntime package, which is missing")
+    if requested == "openvino":
+        if not manifest.has_onnx():
+            raise BundleError(
+                f"bundle {manifest.name} {manifest.version} has no ONNX models for OpenVINO; add "
+                "them with `bonewatch bundle export-onnx BUNDLE`"
+            )
+        if not openvino_available():
+            raise BundleError("the openvino engine needs the openvino package, which is missing")
     return requested
+
+
+def resolve_precision(manifest: Manifest, engine: str, requested: str = AUTO) -> str:
+    """The numeric precision ``engine`` serves the bundle in.
+
+    ``auto`` is int8 on an ONNX engine when the bundle carries int8 models (``bonewatch bundle
+    quantize`` added them only within its accuracy tolerance), else fp32; it never picks bf16.
+    Keras serves fp32 only; bf16 needs OpenVINO on a CPU with native bfloat16.
+
+    Raises:
+        BundleError: the precision is unknown, or the bundle, engine or CPU cannot serve it.
+    """
+    if requested != AUTO and requested not in PRECISIONS:
+        raise BundleError(f"unknown precision {requested!r}; choose one of {(AUTO, *PRECISIONS)}")
+    if engine not in ONNX_ENGINES:
+        if requested not in (AUTO, "fp32"):
+            raise BundleError(f"the {engine} engine serves fp32 only, not {requested}")
+        return "fp32"
+    if requested == AUTO:
+        return "int8" if manifest.has_int8() else "fp32"
+    if requested == "int8" and not manifest.has_int8():
+        raise BundleError(
+            f"bundle {manifest.name} {manifest.version} has no int8 models; add them with "
+            "`bonewatch bundle quantize BUNDLE`"
+        )
+    if requested == "bf16":
+        if engine != "openvino":
+            raise BundleError("bf16 is served by the openvino engine only")
+        if not cpu_supports_bf16():
+            raise BundleError("this CPU has no native bfloat16 (OpenVINO reports no BF16)")
+    return requested
+
+
+# Largest |delta p| allowed at load between OpenVINO and ONNX Runtime on the same file's parity
+# inputs: fp32 must match; int8 kernels round differently; bf16 has 8 bits of mantissa (and
+# OpenVINO has reported bf16 errors on some AMD CPUs, which this check is there to catch).
+LOAD_PARITY = {"fp32": 1e-4, "int8": 0.02, "bf16": 0.05}
+
+
+def check_parity(
+    bundle_dir: Path, manifest: Manifest, predictors: dict[str, Predictor], precision: str
+) -> float:
+    """Largest |delta p| of ``predictors`` (one per role, as in :meth:`Manifest.models`) against
+    ONNX Runtime on the same role's parity inputs (int8 against int8, else against fp32).
+
+    Raises:
+        BundleError: a model is over :data:`LOAD_PARITY` for ``precision``.
+    """
+    from bonewatch.models.onnx_export import max_output_difference, parity_inputs
+
+    reference = "int8" if precision == "int8" else "fp32"
+    worst = 0.0
+    for role, entry in manifest.models().items():
+        x = parity_inputs(entry.spec)
+        ref = OnnxPredictor(onnx_file(bundle_dir, entry, reference), InferenceThreads())(x)
+        gap = max_output_difference(predictors[role](x), ref)
+        worst = max(worst, gap)
+        if gap > LOAD_PARITY[precision]:
+            raise BundleError(
+                f"{role} on {predictors[role].engine} in {precision} differs from ONNX Runtime "
+                f"by {gap:.2e} (more than {LOAD_PARITY[precision]:.0e}); not served"
+            )
+    return worst
 
 
 def servable_engines(manifest: Manifest) -> list[str]:
     """The engines this environment can serve the bundle with, in :data:`ENGINES` order."""
     names = []
-    for name in ENGINES:
+    for name in ENGINES[:2]:  # OpenVINO is measured by bench with --engines
         try:
             resolve_engine(manifest, name)
         except BundleError:
@@ -273,18 +393,32 @@ def servable_engines(manifest: Manifest) -> list[str]:
     return names
 
 
-_cache: dict[tuple[Path, str], Bundle] = {}
+_cache: dict[tuple[Path, str, str], Bundle] = {}
 _cache_lock = threading.Lock()
 
 
+def bundle_digest(bundle_dir: str | Path) -> str:
+    """The bundle's digest: the sha256 of its manifest, which holds the sha256 of every weights
+    file, so pinning it pins the whole bundle (``BONEWATCH_BUNDLE_SHA256``)."""
+    return sha256_of(Path(bundle_dir) / MANIFEST)
+
+
 def load_bundle(
-    bundle_dir: str | Path, *, engine: str = AUTO, threads: InferenceThreads | None = None
+    bundle_dir: str | Path,
+    *,
+    engine: str = AUTO,
+    threads: InferenceThreads | None = None,
+    digest: str | None = None,
+    precision: str = "fp32",
 ) -> Bundle:
     """Load a bundle once per process and engine; later calls return the same object.
 
     Args:
         bundle_dir: The bundle folder.
         engine: ``keras``, ``onnx`` or ``auto`` (see :func:`resolve_engine`).
+        digest: The pinned :func:`bundle_digest`; another digest is refused.
+        precision: ``fp32``, ``int8``, ``bf16`` or ``auto`` (see :func:`resolve_precision`);
+            the library default is fp32, the worker's (``BONEWATCH_PRECISION``) auto.
         threads: The framework's thread pools. Given, they are applied before the first model
             loads (TensorFlow's are process-wide and fixed once it has started); None leaves
             TensorFlow's defaults and gives ONNX Runtime one thread per core.
@@ -294,21 +428,34 @@ def load_bundle(
             cannot serve it.
     """
     root = Path(bundle_dir).resolve()
+    if digest is not None and (root / MANIFEST).is_file() and bundle_digest(root) != digest:
+        # The manifest's checksums prove the weights match the manifest, not where the bundle
+        # came from; a pinned digest proves it is the bundle that was approved.
+        raise BundleError(
+            f"bundle {root} has digest {bundle_digest(root)}, but BONEWATCH_BUNDLE_SHA256 pins "
+            f"{digest}; refusing to serve it"
+        )
     with _cache_lock:
         manifest = read_manifest(root)
         chosen = resolve_engine(manifest, engine)
-        cached = _cache.get((root, chosen))
+        numeric = resolve_precision(manifest, chosen, precision)
+        cached = _cache.get((root, chosen, numeric))
         if cached is not None:
             return cached
         if threads is not None:
             threads = threads.for_engine(chosen)
-        if chosen == "onnx":
+        if chosen in ONNX_ENGINES:
             onnx_threads = threads or InferenceThreads()
-            stage1 = _load_onnx(root, manifest.body_part, onnx_threads)
+            stage1 = _load_onnx(root, manifest.body_part, onnx_threads, chosen, numeric)
             fracture = {
-                part: _load_onnx(root, manifest.fracture[part], onnx_threads)
+                part: _load_onnx(root, manifest.fracture[part], onnx_threads, chosen, numeric)
                 for part in manifest.parts()
             }
+            if chosen == "openvino":
+                roles = {"body_part": stage1}
+                roles.update({f"fracture_{p.lower()}": m for p, m in fracture.items()})
+                gap = check_parity(root, manifest, roles, numeric)
+                log.info("openvino %s parity against ONNX Runtime: max |dp| %.1e", numeric, gap)
         else:
             if threads is not None:
                 configure_tensorflow_threads(threads)
@@ -318,9 +465,15 @@ def load_bundle(
                 part: KerasPredictor(load_keras_model(root, manifest.fracture[part]), per_pass)
                 for part in manifest.parts()
             }
-        bundle = Bundle(root, manifest, stage1, fracture, chosen)
-        _cache[(root, chosen)] = bundle
-        log.info("loaded bundle %s %s from %s on %s", manifest.name, manifest.version, root, chosen)
+        bundle = Bundle(root, manifest, stage1, fracture, chosen, numeric)
+        _cache[(root, chosen, numeric)] = bundle
+        log.info(
+            "loaded bundle %s %s from %s on %s",
+            manifest.name,
+            manifest.version,
+            root,
+            bundle.served_as,
+        )
         return bundle
 
 

@@ -1,6 +1,6 @@
-"""Inference engines: one model's forward pass on Keras (TensorFlow) or on ONNX Runtime.
+"""Inference engines: one model's forward pass on Keras (TensorFlow), ONNX Runtime or OpenVINO.
 
-Both engines take a float32 batch (N, S, S, C) and return float64 outputs (N, K), so the cascade
+Every engine takes a float32 batch (N, S, S, C) and return float64 outputs (N, K), so the cascade
 does not know which one runs. Only this module imports ``onnxruntime``, and only when an ONNX model
 is loaded; a worker serving ONNX never imports TensorFlow at all.
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -24,8 +25,13 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("keras", "onnx")
+ENGINES = ("keras", "onnx", "openvino")
 AUTO = "auto"
+# Numeric precisions: fp32 the exported graphs; int8 the statically quantized (QDQ) graphs that
+# ``bonewatch bundle quantize`` adds; bf16 the fp32 graphs run by OpenVINO in bfloat16.
+PRECISIONS = ("fp32", "int8", "bf16")
+# Engines that run the bundle's ONNX files.
+ONNX_ENGINES = ("onnx", "openvino")
 
 
 def available_cores() -> int:
@@ -82,7 +88,7 @@ def default_streams(engine: str) -> int:
     thread. Keras keeps one: two streams on TensorFlow ran at two thirds of one (the README's
     "Throughput" section has the figures).
     """
-    if engine == "onnx":
+    if engine in ONNX_ENGINES:
         return max(1, min(available_cores(), MAX_AUTO_STREAMS))
     return 1
 
@@ -93,7 +99,7 @@ def default_streams(engine: str) -> int:
 # thread per session) and 26% faster on Keras at 4 (two threads) than at 16. Small models lose
 # more to the call overhead than they gain, so the budget is in pixels, not images: the demo's
 # 128 px CNN gets 3 and 12 per pass (the README's "Throughput" has the figures).
-CPU_PASS_PIXELS = {"keras": 4 * 224 * 224, "onnx": 224 * 224}
+CPU_PASS_PIXELS = {"keras": 4 * 224 * 224, "onnx": 224 * 224, "openvino": 224 * 224}
 
 
 def cpu_pass_size(engine: str, input_shape: Sequence[Any]) -> int:
@@ -109,6 +115,49 @@ def cpu_pass_size(engine: str, input_shape: Sequence[Any]) -> int:
 _tf_threads: InferenceThreads | None = None
 
 
+# What TensorFlow's C++ runtime prints on stderr at start-up whatever TF_CPP_MIN_LOG_LEVEL says.
+_TF_START_UP_CHATTER = (
+    "All log messages before absl::InitializeLog() is called",
+    "oneDNN custom operations are on",
+    "This TensorFlow binary is optimized to use available CPU instructions",
+    "To enable the following instructions",
+    "Unable to register cu",
+    "TF-TRT Warning",
+    "could not open file to read NUMA node",
+)
+_tf_imported = False
+_tf_import_lock = threading.Lock()
+
+
+def import_tensorflow() -> Any:
+    """TensorFlow, imported once with its start-up lines held back; anything else it prints
+    then (a real error) is passed on to stderr."""
+    global _tf_imported
+    with _tf_import_lock:
+        if _tf_imported:
+            import tensorflow as tf
+
+            return tf
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tempfile
+
+        with tempfile.TemporaryFile() as held:
+            saved = os.dup(2)
+            try:
+                os.dup2(held.fileno(), 2)
+                import tensorflow as tf
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            held.seek(0)
+            lines = held.read().decode("utf-8", "replace").splitlines()
+        for line in lines:
+            if line.strip() and not any(chatter in line for chatter in _TF_START_UP_CHATTER):
+                print(line, file=sys.stderr)
+        _tf_imported = True
+        return tf
+
+
 def configure_tensorflow_threads(threads: InferenceThreads) -> None:
     """Set TensorFlow's thread pools; effective only before TensorFlow runs its first operation.
 
@@ -118,7 +167,7 @@ def configure_tensorflow_threads(threads: InferenceThreads) -> None:
     global _tf_threads
     if _tf_threads == threads:
         return
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads.resolved_intra_op())
@@ -250,6 +299,77 @@ def _onnx_providers(available: list[str]) -> list[str]:
     """CUDA first where this onnxruntime build has it, the CPU always as the fallback."""
     preferred = [p for p in ("CUDAExecutionProvider",) if p in available]
     return [*preferred, "CPUExecutionProvider"]
+
+
+class OpenVinoPredictor(Predictor):
+    """An ONNX model compiled by OpenVINO for the CPU, in fp32 or bf16 (int8 graphs run their
+    quantized operations in int8 either way).
+
+    One compiled model per file; each calling thread gets its own infer request, so inference
+    streams share the weights as they share ONNX Runtime's sessions.
+    """
+
+    engine = "openvino"
+
+    def __init__(self, path: Path, threads: InferenceThreads, precision: str = "fp32") -> None:
+        core = openvino_core()
+        model = core.read_model(str(path))
+        config = {
+            "INFERENCE_NUM_THREADS": threads.resolved_intra_op(),
+            "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY",
+            # bf16 is asked for by name: the default on CPUs with AMX is bf16 already.
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+        }
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.precision = precision
+        shape = model.inputs[0].get_partial_shape()
+        self.input_shape = tuple(d.get_length() if d.is_static else None for d in shape)
+        self._local = threading.local()
+        self._settle_pass(threads.forward_batch, False, self.input_shape)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        batch = np.ascontiguousarray(x, dtype=np.float32)
+        out = request.infer({0: batch})
+        return np.asarray(next(iter(out.values())), np.float64)
+
+
+_ov_core: Any = None
+_ov_lock = threading.Lock()
+
+
+def openvino_core() -> Any:
+    """The process's one OpenVINO ``Core`` (it owns the CPU plugin and its thread pool)."""
+    global _ov_core
+    with _ov_lock:
+        if _ov_core is None:
+            import openvino as ov
+
+            _ov_core = ov.Core()
+        return _ov_core
+
+
+def openvino_available() -> bool:
+    """Whether OpenVINO can be imported in this environment."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin reports native bfloat16 (AVX-512 BF16 or AMX) here."""
+    if not openvino_available():
+        return False
+    try:
+        caps = openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # no CPU plugin
+        return False
+    return "BF16" in [str(c).upper() for c in caps]
 
 
 def onnxruntime_available() -> bool:

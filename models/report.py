@@ -473,9 +473,10 @@ def write_report(
         )
     else:
         sections.append(
-            "<p>The bundle's manifest records no training curves, so none are shown. "
-            "Cross-validation (<code>--folds K</code>) plots the curves of the bundles it "
-            "trains.</p>"
+            "<p>The bundle's manifest records no training curves, so none are shown: it was "
+            "trained before <code>bonewatch train</code> kept them. Bundles it trains now carry "
+            "them, and cross-validation (<code>--folds K</code>) plots the curves of the "
+            "bundles it trains.</p>"
         )
 
     fp, fn = confident_errors(scored, n_errors)

@@ -34,11 +34,73 @@ def write_rgb_png(path: Path, rgb: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             Image.fromarray(rgb, mode="RGB").save(fh, format="PNG")
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~_process_umask())  # mkstemp's 0600, widened only as the mask allows
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _process_umask() -> int:
+    """This process's file-creation mask, read without changing it (Linux); 022 elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def with_caption(
+    rgb: np.ndarray, lines: Sequence[str], *, warning: str | None = None
+) -> np.ndarray:
+    """``rgb`` with ``lines`` (light grey) and ``warning`` (yellow) burned into a darkened band
+    along its bottom, so every viewer shows them; the picture keeps its size, and its
+    coordinates stay those of the original. (Pure white stays the peak marker's colour.)"""
+    from PIL import ImageDraw, ImageFont
+
+    height, width = rgb.shape[:2]
+    size = max(min(12, width // 8), width // 45)  # legible, yet leaves a small image visible
+    texts = [*lines, *([warning] if warning else [])]
+    font = ImageFont.load_default(size=size)
+    longest = max(font.getlength(text) for text in texts)
+    if longest > width - size:  # a narrow image: smaller letters, never cut at the edge
+        size = max(6, int(size * (width - size) / longest))
+        font = ImageFont.load_default(size=size)
+    band = min(height, int(size * 1.35 * len(texts) + size * 0.6))
+    picture = rgb.copy()
+    picture[height - band :] = (picture[height - band :].astype(np.float32) * 0.25).astype(np.uint8)
+    canvas = Image.fromarray(picture, mode="RGB")
+    draw = ImageDraw.Draw(canvas)
+    y = height - band + size * 0.3
+    for i, text in enumerate(texts):
+        colour = (255, 210, 0) if warning and i == len(texts) - 1 else (235, 235, 235)
+        draw.text((size * 0.5, y), text, fill=colour, font=font)
+        y += size * 1.35
+    return np.asarray(canvas)
+
+
+def caption_lines(bundle: Bundle, part: str, p_fracture: float, threshold: float) -> list[str]:
+    """What a heatmap says about itself: the bundle, the part and the score against the
+    threshold."""
+    label = "positive" if p_fracture >= threshold else "negative"
+    return [
+        f"{bundle.name} {bundle.version} - {part}",
+        f"p(fracture) {p_fracture:.3f}, threshold {threshold:.3f}: {label}",
+    ]
+
+
+def caption_warning(bundle: Bundle) -> str | None:
+    """The notice burned into pictures of a bundle that is not for clinical use."""
+    from bonewatch.worker.notices import is_not_for_clinical_use
+
+    use = bundle.manifest.intended_use or ""
+    if not is_not_for_clinical_use(use):
+        return None
+    if "phantom" in use.lower():
+        return "NOT FOR CLINICAL USE - a demonstration model trained on phantoms"
+    return "NOT FOR CLINICAL USE - see the bundle's intended use"
 
 
 def heatmap_path(folder: Path, bundle: Bundle, image_id: int) -> Path:
@@ -82,10 +144,19 @@ def store_heatmaps(
         log.exception("Grad-CAM failed on a batch of %d positive images", len(positives))
         return {}
     paths: dict[int, str] = {}
-    for (claim, image, _), explanation in zip(positives, explanations, strict=True):
+    for (claim, image, pred), explanation in zip(positives, explanations, strict=True):
         path = heatmap_path(folder, bundle, claim.image_id)
+        part = str(pred.body_part)
+        caption = caption_lines(
+            bundle, part, explanation.p_fracture, bundle.manifest.fracture[part].threshold
+        )
+        picture = with_caption(
+            overlay_heatmap(image.pixels, explanation.heatmap),
+            caption,
+            warning=caption_warning(bundle),
+        )
         try:
-            write_rgb_png(path, overlay_heatmap(image.pixels, explanation.heatmap))
+            write_rgb_png(path, picture)
         except OSError:
             log.exception("could not write the heatmap of %s to %s", claim.path, path)
             continue
@@ -151,7 +222,10 @@ def explain_file(
         known = ", ".join(bundle.fracture_models)
         raise ValueError(f"the bundle has no fracture model for {part}; it has {known}")
     explanation = explain_images([image.pixels], [part], bundle)[0]
-    write_rgb_png(out, overlay_heatmap(image.pixels, explanation.heatmap))
+    threshold = bundle.manifest.fracture[part].threshold
+    caption = caption_lines(bundle, part, explanation.p_fracture, threshold)
+    picture = overlay_heatmap(image.pixels, explanation.heatmap)
+    write_rgb_png(out, with_caption(picture, caption, warning=caption_warning(bundle)))
     return ExplainedFile(
         heatmap=out,
         peak_xy=explanation.peak_xy,

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
@@ -32,6 +33,7 @@ from bonewatch.db import (
     claim_batch,
     claim_images,
     lease_holders,
+    mark_stable_studies,
     reclaim_expired,
     record_results,
     register_images,
@@ -41,16 +43,19 @@ from bonewatch.db import (
 from bonewatch.ingest import (
     CorruptFileError,
     DecodedImage,
-    FileChangedError,
     FileVanishedError,
+    HeaderEntry,
     ImageMeta,
     ImageTooLargeError,
     IngestError,
     check_acceptance,
+    downscale,
     printable_path,
-    read_header,
+    read_headers,
     read_image,
     sha256_file,
+    split_member_path,
+    without_values,
 )
 from bonewatch.models.bundle import Bundle, load_bundle
 from bonewatch.models.cascade import (
@@ -63,6 +68,7 @@ from bonewatch.models.cascade import (
 from bonewatch.models.engines import InferenceThreads
 from bonewatch.models.preprocess import PreprocessSpec
 from bonewatch.worker.heatmaps import store_heatmaps
+from bonewatch.worker.quarantine import quarantine_finished
 from bonewatch.worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -112,7 +118,14 @@ def serving_bundle(settings: Settings) -> Bundle:
     threads start: it also caps their malloc arenas (``BONEWATCH_MALLOC_ARENAS``).
     """
     limit_malloc_arenas(settings.malloc_arenas)
-    bundle = load_bundle(settings.bundle, engine=settings.engine, threads=serving_threads(settings))
+    bundle = load_bundle(
+        settings.bundle,
+        engine=settings.engine,
+        threads=serving_threads(settings),
+        digest=settings.bundle_sha256,
+        precision=settings.precision,
+    )
+    log.info("serving %s on %s", bundle.name, bundle.served_as)
     if settings.warm_up:
         seconds = bundle.warm_up()
         if seconds:
@@ -176,38 +189,100 @@ def recover_leases(engine: Engine, settings: Settings) -> int:
     return released + reclaim_expired(engine, max_attempts=settings.max_attempts)
 
 
+def stored_path(path: str, settings: Settings) -> str:
+    """A file's path as the ledger keeps it: absolute, or relative to ``BONEWATCH_PATH_ROOT``
+    (the inbox when watching) with ``BONEWATCH_STORE_RELATIVE_PATHS``, so that folder names
+    above the root (which can name patients) stay out of the ledger."""
+    root = settings.path_root_for_storage
+    if root is None:
+        return path
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        log.warning("a file outside BONEWATCH_PATH_ROOT %s is stored with its full path", root)
+        return path
+
+
+def file_path(stored: str, settings: Settings) -> str:
+    """Where the file of a ledger path is on this host (the inverse of :func:`stored_path`)."""
+    root = settings.path_root_for_storage
+    if root is None or Path(stored).is_absolute():
+        return stored
+    return str(root / stored)
+
+
 def study_key(meta: ImageMeta) -> str:
     """The study an image belongs to: DICOM StudyInstanceUID, else its MURA study folder, else
     the file stands alone."""
     return meta.study_uid or meta.mura_study or f"file:{meta.sha256[:16]}"
 
 
-def describe_file(path: Path, settings: Settings, *, salt: str, queue: str) -> NewImage | None:
-    """Read a file's header into a ledger row; a bad or refused file becomes a finished row.
+@dataclass(frozen=True)
+class Described:
+    """What one file came to: its rows (one, or one per member of an archive), which of them
+    are archive members (never moved by quarantine: the archive stays whole), and the archive
+    entries that got no row (folders, links, devices; members the globs leave out)."""
+
+    rows: list[NewImage]
+    members: frozenset[str] = frozenset()
+    skipped_entries: int = 0
+    excluded: int = 0
+
+
+def describe_file(path: Path, settings: Settings, *, salt: str, queue: str) -> Described | None:
+    """Read a file's header into a ledger row, or each member's of an archive into one row
+    each; a bad or refused file (or member) becomes a finished row.
 
     Returns None when the file cannot be read right now (an I/O error on a share that went
     away): nothing is recorded, and the caller offers the file again later.
     """
+    chosen = settings.path_filter
     try:
-        meta = read_header(
-            path, salt=salt, max_pixels=settings.max_pixels, max_bytes=settings.max_file_bytes
+        entries = list(
+            read_headers(
+                path,
+                salt=salt,
+                max_pixels=settings.max_pixels,
+                max_bytes=settings.max_file_bytes,
+                wanted=chosen.takes_member if chosen else None,
+            )
         )
     except OSError as exc:
         log.warning("skipping %s for now: %s", path, exc)
         return None
-    except IngestError as exc:
-        return _refused_row(path, exc, queue)
     except Exception as exc:  # a reader bug must cost one file, not the run
         log.exception("unexpected error reading the header of %s", path)
         failure = CorruptFileError(f"the header reader failed: {type(exc).__name__}: {exc}")
-        return _refused_row(path, failure, queue)
+        return Described([_refused_row(path, failure, queue, settings)])
+    rows: list[NewImage] = []
+    members: set[str] = set()
+    skipped = excluded = 0
+    for entry in entries:
+        if entry.skipped is not None:
+            excluded += entry.skipped == "excluded"
+            skipped += entry.skipped != "excluded"
+            continue
+        if entry.meta is not None:
+            row = _image_row(entry.meta, settings, queue=queue)
+        else:
+            assert entry.error is not None
+            member = entry if entry.member else None
+            row = _refused_row(path, entry.error, queue, settings, member=member)
+        rows.append(row)
+        if entry.member:
+            members.add(row.path)
+    return Described(rows, frozenset(members), skipped, excluded)
+
+
+def _image_row(meta: ImageMeta, settings: Settings, *, queue: str) -> NewImage:
+    """The ledger row of a readable file or member: queued, or refused by the policy."""
     status, error_class, reason = "queued", None, None
     try:
         check_acceptance(meta)
     except IngestError as exc:
         status, error_class, reason = exc.status, exc.error_class, exc.reason
     return NewImage(
-        path=meta.path,
+        path=stored_path(meta.path, settings),
         sha256=meta.sha256,
         size_bytes=meta.size_bytes,
         format=meta.format,
@@ -230,17 +305,29 @@ def describe_file(path: Path, settings: Settings, *, salt: str, queue: str) -> N
     )
 
 
-def _refused_row(path: Path, exc: IngestError, queue: str) -> NewImage:
-    """A finished row for a file refused at the door, with its sha256 when it can be read."""
-    sha = size = None
-    # A file refused for its size is not read end to end just to fingerprint it.
-    if not isinstance(exc, FileVanishedError | ImageTooLargeError):
-        try:
-            sha, size = sha256_file(path), path.stat().st_size
-        except (OSError, IngestError):
-            sha = size = None  # unreadable: the row keeps the path and the reason
+def _refused_row(
+    path: Path,
+    exc: IngestError,
+    queue: str,
+    settings: Settings,
+    *,
+    member: HeaderEntry | None = None,
+) -> NewImage:
+    """A finished row for a file refused at the door, with its sha256 when it can be read; for
+    an archive ``member``, its own path and the sha256 of its bytes when they were read."""
+    if member is not None:
+        where, sha, size = member.path, member.sha256, member.size_bytes
+    else:
+        # a name that is not UTF-8 is kept escaped, with the reason
+        where, sha, size = printable_path(path), None, None
+        # A file refused for its size is not read end to end just to fingerprint it.
+        if not isinstance(exc, FileVanishedError | ImageTooLargeError):
+            try:
+                sha, size = sha256_file(path), path.stat().st_size
+            except (OSError, IngestError):
+                sha = size = None  # unreadable: the row keeps the path and the reason
     return NewImage(
-        path=printable_path(path),  # a name that is not UTF-8 is kept escaped, with the reason
+        path=stored_path(where, settings),
         sha256=sha,
         size_bytes=size,
         format=None,
@@ -259,6 +346,8 @@ class RegisterSummary:
     refused: int = 0
     skipped: int = 0  # unreadable for now (I/O error); not recorded, taken again next time
     skipped_paths: list[Path] = field(default_factory=list)
+    excluded: int = 0  # files and archive members --include/--exclude left out
+    archive_entries_skipped: int = 0  # archive entries that are folders, links or devices
 
 
 def _chunks(items: Iterable[Path], size: int) -> Iterator[list[Path]]:
@@ -277,13 +366,19 @@ def register_paths(
     chunk_size: int = 256,
     on_chunk: Callable[[list[int]], None] | None = None,
 ) -> RegisterSummary:
-    """Give every file a ledger row, streaming in chunks so memory stays flat for big archives.
+    """Give every file (and every member of an archive) a ledger row, streaming in chunks so
+    memory stays flat for big folders. Files the include/exclude globs leave out get none.
 
     ``on_chunk`` receives the ids of the rows that were newly queued in each chunk.
     """
     summary = RegisterSummary()
     salt = settings.salt()
+    chosen = settings.path_filter
     for chunk in _chunks(paths, chunk_size):
+        if chosen:
+            taken = [p for p in chunk if chosen.takes_file(p)]
+            summary.excluded += len(chunk) - len(taken)
+            chunk = taken
         # Absolute paths: the row must still find its file from another working directory.
         described = list(
             pool.map(
@@ -291,14 +386,26 @@ def register_paths(
                 chunk,
             )
         )
-        rows = [row for row in described if row is not None]
-        summary.skipped_paths.extend(p for p, row in zip(chunk, described, strict=True) if not row)
+        rows = [row for result in described if result is not None for row in result.rows]
+        members = {path for result in described if result is not None for path in result.members}
+        for result in described:
+            if result is not None:
+                summary.excluded += result.excluded
+                summary.archive_entries_skipped += result.skipped_entries
+        summary.skipped_paths.extend(
+            p for p, result in zip(chunk, described, strict=True) if result is None
+        )
         summary.skipped = len(summary.skipped_paths)
         registered = register_images(engine, rows)
         quarantine_finished(
-            [(row.path, reg.status) for row, reg in zip(rows, registered, strict=True)], settings
+            [
+                (file_path(row.path, settings), reg.status)
+                for row, reg in zip(rows, registered, strict=True)
+                if row.path not in members
+            ],
+            settings,
         )
-        summary.seen += len(chunk)
+        summary.seen += len(rows) + sum(result is None for result in described)
         queued = []
         for reg in registered:
             if reg.requeued:
@@ -329,44 +436,89 @@ class DecodedBatch:
     preprocessed: Preprocessed | None = None  # model inputs of ``images``, made in the pool
 
 
+# Decoded pixels one batch keeps whole, in bytes (eight 4096 px squares of float32). Past it, an
+# image keeps a copy no longer than _COMPACT_SIDE: sixteen 10,000 px files held 6.4 GB before.
+DECODE_PIXEL_BUDGET = 512 << 20
+_COMPACT_SIDE = 1024
+
+
+class _PixelBudget:
+    """What is left of a batch's pixel budget; the decode threads take from it in turn."""
+
+    def __init__(self, limit: int) -> None:
+        self._left = limit
+        self._lock = threading.Lock()
+
+    def keep(self, image: DecodedImage) -> DecodedImage:
+        """``image`` whole while the budget lasts, else with its pixels reduced."""
+        with self._lock:
+            if image.pixels.nbytes <= self._left:
+                self._left -= image.pixels.nbytes
+                return image
+        return replace(image, pixels=downscale(image.pixels, _COMPACT_SIDE))
+
+
+def _io_reason(exc: object) -> str:
+    """A passing I/O error as the ledger keeps it: its kind, never the path it names."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{type(exc).__name__}: [Errno {exc.errno}] {exc.strerror}"
+    return f"{type(exc).__name__}: {without_values(str(exc))}"
+
+
 def decode_claimed(
     claimed: Sequence[ClaimedImage],
     settings: Settings,
     pool: Executor,
     *,
     specs: Sequence[PreprocessSpec] = (),
+    pixel_budget: int = DECODE_PIXEL_BUDGET,
 ) -> DecodedBatch:
     """Decode claimed files in ``pool``; bad files become failures, I/O errors transient.
 
     With ``specs`` (:func:`models.cascade.input_specs` of the bundle), each decoded image is also
     preprocessed for them in the pool, so that work overlaps the previous batch's inference.
+
+    The batch keeps at most ``pixel_budget`` bytes of decoded pixels whole; an image decoded
+    past it keeps a copy reduced to ``_COMPACT_SIDE`` px (for heatmaps), after its model inputs
+    were made from the whole image, so what the models see does not change.
+
+    Before any model runs, each image must pass the acceptance policy again, now with the
+    bundle's largest input side (from ``specs``): a matrix under half of it is refused.
     """
     salt = settings.salt()
+    budget = _PixelBudget(pixel_budget)
+    input_size = max((spec.input_size for spec in specs), default=None)
+    # JPEG 2000 and JPEG decode at the smallest scale covering the largest model input;
+    # heatmaps are drawn over the file's own pixels, so they keep the full decode.
+    min_side = input_size if settings.reduced_decode and not settings.heatmaps else None
 
     def decode(item: ClaimedImage) -> tuple[ClaimedImage, object, float, list[Any], float]:
         t0 = time.perf_counter()
         try:
+            # The registered sha256 is checked on the bytes read, before anything parses them;
+            # the file is opened once, never through a symlink. An archive member's path
+            # ("studies.zip!PAT1/IM0001") is read from its archive.
             image = read_image(
                 item.path,
                 salt=salt,
                 max_pixels=settings.max_pixels,
                 max_bytes=settings.max_file_bytes,
+                sha256=item.sha256 or None,
+                min_side=min_side,
             )
-            check_acceptance(image.meta)
-            if item.sha256 and image.meta.sha256 != item.sha256:
-                raise FileChangedError(
-                    "the file changed after it was registered; its new content is registered "
-                    "as a separate image when it is seen again"
-                )
+            # Only radiographs of a size the bundle's input can use reach the models.
+            check_acceptance(image.meta, input_size=input_size)
             decoded_s = time.perf_counter() - t0
             inputs = prepare_inputs(image.pixels, specs)
+            image = budget.keep(image)
             return item, image, decoded_s, inputs, time.perf_counter() - t0 - decoded_s
         except (IngestError, OSError) as exc:
             return item, exc, time.perf_counter() - t0, [], 0.0
         except Exception as exc:  # a decoder bug must cost one file, not the whole run
             log.exception("unexpected error decoding %s", item.path)
+            message = without_values(str(exc))
             failure = CorruptFileError(
-                f"the decoder failed on this file: {type(exc).__name__}: {exc}"
+                f"the decoder failed on this file: {type(exc).__name__}: {message}"
             )
             return item, failure, time.perf_counter() - t0, [], 0.0
 
@@ -383,7 +535,7 @@ def decode_claimed(
                 FailureRecord(item.image_id, result.status, result.error_class, result.reason)
             )
         else:
-            batch.transient.append((item, f"{type(result).__name__}: {result}"))
+            batch.transient.append((item, _io_reason(result)))
     if specs and inputs:
         batch = replace(batch, preprocessed=Preprocessed.from_rows(inputs, specs, preprocess_s))
     return batch
@@ -428,7 +580,11 @@ def infer_and_record(
                 label=pred.label,
                 threshold=pred.threshold,
                 fracture_model=pred.fracture_model,
-                timings={"decode_ms": round(1000 * decode_s, 3), **pred.timings},
+                timings={
+                    "decode_ms": round(1000 * decode_s, 3),
+                    **pred.timings,
+                    "engine": bundle.served_as,
+                },
                 heatmap_path=heatmaps.get(claim.image_id),
                 rows=image.meta.rows,
                 columns=image.meta.columns,
@@ -440,8 +596,14 @@ def infer_and_record(
         # stays for that worker to record (and move).
         finished = [(r.image_id, r.status) for r in records]
         finished += [(f.image_id, f.status) for f in failures]
+        # An archive member is not moved: its archive stays whole, where it is.
         quarantine_finished(
-            [(batch.paths[i], status) for i, status in finished if i in batch.paths], settings
+            [
+                (batch.paths[i], status)
+                for i, status in finished
+                if i in batch.paths and split_member_path(batch.paths[i]) is None
+            ],
+            settings,
         )
     for claim, reason in batch.transient:
         release_for_retry(
@@ -490,24 +652,27 @@ class Pipeline:
     def claim(
         self, image_ids: Sequence[int] | None = None, *, taking_over_from: Sequence[str] = ()
     ) -> list[ClaimedImage]:
-        """Lease the next batch (``live`` first), or those of ``image_ids`` still waiting."""
+        """Lease the next batch (``live`` first), or those of ``image_ids`` still waiting; each
+        with the path of its file on this host."""
         s = self.settings
         if image_ids is None:
-            return claim_batch(
+            claimed = claim_batch(
                 self.engine,
                 limit=s.batch_size,
                 lease_seconds=s.lease_seconds,
                 worker_id=worker_id(),
                 max_attempts=s.max_attempts,
             )
-        return claim_images(
-            self.engine,
-            image_ids,
-            lease_seconds=s.lease_seconds,
-            worker_id=worker_id(),
-            max_attempts=s.max_attempts,
-            taking_over_from=taking_over_from,
-        )
+        else:
+            claimed = claim_images(
+                self.engine,
+                image_ids,
+                lease_seconds=s.lease_seconds,
+                worker_id=worker_id(),
+                max_attempts=s.max_attempts,
+                taking_over_from=taking_over_from,
+            )
+        return [replace(c, path=file_path(c.path, s)) for c in claimed]
 
     def claim_and_decode(
         self, image_ids: Sequence[int] | None = None, *, taking_over_from: Sequence[str] = ()
@@ -516,6 +681,8 @@ class Pipeline:
         there was nothing to claim."""
         claimed = self.claim(image_ids, taking_over_from=taking_over_from)
         if not claimed:
+            if image_ids is None:  # the queue is empty: a moment to see which studies are complete
+                mark_stable_studies(self.engine, self.settings.study_stable_seconds)
             return None
         return decode_claimed(claimed, self.settings, self.pool, specs=self.specs)
 
@@ -556,77 +723,3 @@ def _cascade_isolated(
         except Exception as exc:
             outcomes.append(exc)
     return outcomes
-
-
-# --------------------------------------------------------------------------- quarantine moves
-
-# Where a finished file goes when the user asks for moves. A duplicate's content is in the ledger
-# under its original, so it counts as done.
-_QUARANTINE_FOLDER = {
-    "done": "done",
-    "duplicate": "done",
-    "failed": "failed",
-    "unsupported": "failed",
-}
-
-
-def quarantine_finished(finished: Iterable[tuple[str, str]], settings: Settings) -> list[Path]:
-    """Move finished files out of the inbox into its ``done/`` or ``failed/`` folder.
-
-    Does nothing unless ``BONEWATCH_QUARANTINE`` is on and the inbox is known (``watch INBOX``
-    or ``BONEWATCH_INBOX``). Only files under the inbox move, each to the same relative path
-    under the folder for its status (``failed/XR_WRIST/patient1/study1/image1.dcm``); a name
-    already taken there gets a number (``image1.1.dcm``). The move is a rename, so the bytes and
-    the modification time stay as they were. The ledger row keeps the original path. A file that
-    cannot be moved is logged and left where it is.
-
-    Args:
-        finished: (path as recorded, final status) pairs; other statuses are skipped.
-        settings: Uses ``quarantine`` and ``inbox``.
-
-    Returns:
-        The new locations of the files that were moved.
-    """
-    if not settings.quarantine or settings.inbox is None:
-        return []
-    roots = {settings.inbox.absolute(), settings.inbox.resolve()}
-    moved = []
-    for recorded, status in finished:
-        folder = _QUARANTINE_FOLDER.get(status)
-        relative = _under(Path(recorded), roots)
-        if folder is None or relative is None:
-            continue
-        root, rest = relative
-        target = _free_name(root / folder / rest)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(recorded, target)
-        except OSError as exc:
-            log.warning("could not move %s to %s/: %s", recorded, folder, exc)
-            continue
-        log.info("moved %s (%s) to %s", recorded, status, target)
-        moved.append(target)
-    return moved
-
-
-def _under(path: Path, roots: set[Path]) -> tuple[Path, Path] | None:
-    """(root, path relative to it) for the first root holding ``path``; None outside them all,
-    and for files already in a root's ``done/`` or ``failed/``."""
-    for root in sorted(roots):
-        try:
-            rest = path.relative_to(root)
-        except ValueError:
-            continue
-        if len(rest.parts) > 1 and rest.parts[0] in ("done", "failed"):
-            return None
-        return root, rest
-    return None
-
-
-def _free_name(target: Path) -> Path:
-    """``target``, or the first ``stem.N.suffix`` beside it that is not taken."""
-    candidate, number = target, 1
-    while candidate.exists() or candidate.is_symlink():
-        candidate = target.with_name(f"{target.stem}.{number}{target.suffix}")
-        number += 1
-    return candidate

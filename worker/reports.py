@@ -199,8 +199,9 @@ def model_card(manifest: Manifest) -> list[RenderableType]:
         if not metrics.get("ci95"):
             out.append(
                 Text(
-                    "This manifest records no confidence intervals (it predates them); "
-                    "`bonewatch evaluate` gives them on any labelled dataset.",
+                    "These metrics come without confidence intervals: this bundle was "
+                    "trained before `bonewatch train` recorded them. `bonewatch evaluate` "
+                    "gives them on any labelled dataset.",
                     style="dim",
                 )
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import random
 import threading
@@ -16,17 +17,19 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
 
 from bonewatch.db import (
     count_by_status,
     ledger_health,
     make_engine,
     next_retry_at,
+    query_results,
     release_leases,
     retry_delay,
     upgrade,
@@ -58,6 +61,41 @@ def open_ledger(settings: Settings) -> Engine:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         upgrade(url)
     return make_engine(url)
+
+
+class NoLedgerError(RuntimeError):
+    """A read-only command found no ledger to read."""
+
+
+def read_ledger(settings: Settings) -> Engine:
+    """The configured ledger, for commands that only read it: nothing is created or migrated.
+
+    Raises:
+        NoLedgerError: embedded mode, and no ledger file exists yet.
+    """
+    url = settings.resolved_database_url
+    if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and database != ":memory:" and not Path(database).is_file():
+            raise NoLedgerError(
+                f"no ledger at {Path(database).absolute()} yet: `bonewatch process` or `watch` "
+                "creates it (BONEWATCH_DATA_DIR names another folder)"
+            )
+        return make_engine(url, read_only=True)
+    return make_engine(url)
+
+
+def preflight(settings: Settings) -> None:
+    """Check, before any work starts, what an embedded run needs: the bundle's manifest (and its
+    pinned digest) and a ledger that opens. Raises the error that names what is wrong."""
+    from bonewatch.models.bundle import BundleError, bundle_digest, read_manifest
+
+    read_manifest(settings.bundle)
+    if settings.bundle_sha256 and bundle_digest(settings.bundle) != settings.bundle_sha256:
+        raise BundleError(
+            f"bundle {settings.bundle} does not have the digest BONEWATCH_BUNDLE_SHA256 pins"
+        )
+    open_ledger(settings).dispose()
 
 
 @dataclass
@@ -260,9 +298,12 @@ def ledger_status(settings: Settings) -> dict[str, Any]:
     ``lost`` counts rows that nothing will finish without help: expired leases and, in
     distributed mode, queued rows whose message is gone (``bonewatch reconcile`` repairs both).
     """
-    engine = enqueue_ledger(settings) if settings.distributed else open_ledger(settings)
+    engine = enqueue_ledger(settings) if settings.distributed else read_ledger(settings)
     try:
         counts = count_by_status(engine)
+        from bonewatch.db import count_deliveries
+
+        deliveries = count_deliveries(engine)
         health: dict[str, Any] = dict(ledger_health(engine))
         queues = None
         health["unpublished"] = None
@@ -277,11 +318,13 @@ def ledger_status(settings: Settings) -> dict[str, Any]:
     finally:
         engine.dispose()
     return {
+        "ledger": make_url(settings.resolved_database_url).render_as_string(hide_password=True),
         "counts": counts,
         "total": sum(counts.values()),
         "lost": health["expired_leases"] + (health["unpublished"] or 0),
         "health": health,
         "queues": queues,
+        "deliveries": deliveries,
     }
 
 
@@ -289,6 +332,32 @@ def _counting(items: Iterable[Path], tick: Callable[[int], None]) -> Iterable[Pa
     for item in items:
         tick(1)
         yield item
+
+
+class FinishedFiles:
+    """What ``watch`` says at its default level: one line per file that reached a final status
+    (its time, name, status and label), each once."""
+
+    OVERLAP = timedelta(seconds=1)  # rows that finished in the same instant are not missed
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.since = datetime.now(UTC)
+        self.shown: dict[int, datetime] = {}
+
+    def show(self, say: Callable[[str], None]) -> None:
+        rows = query_results(self.engine, finished_after=self.since - self.OVERLAP)
+        for row in sorted(rows, key=lambda r: str(r["finished_at"])):
+            image_id = int(str(row["id"]))
+            when = datetime.fromisoformat(str(row["finished_at"]))
+            if image_id in self.shown:
+                continue
+            what = " ".join(str(v) for v in (row["status"], row.get("label")) if v)
+            say(f"{when.astimezone():%H:%M:%S}  {Path(str(row['path'])).name}  {what}")
+            self.shown[image_id] = when
+            self.since = max(self.since, when)
+        horizon = self.since - self.OVERLAP
+        self.shown = {i: t for i, t in self.shown.items() if t >= horizon}
 
 
 def watch_inbox(
@@ -303,6 +372,10 @@ def watch_inbox(
 
     With ``enqueue`` (distributed mode) new rows are handed to it on the ``live`` queue instead
     of being processed here.
+
+    Raises:
+        InboxWatcherError: The watcher cannot follow the inbox any more (its observer died, and
+            so did the polling one that replaced it): the caller exits, a supervisor restarts.
     """
     # The inbox is where quarantine moves go (done/, failed/ under it), when they are on.
     settings = settings.replace(inbox=settings.inbox or inbox)
@@ -322,6 +395,7 @@ def watch_inbox(
     ):
         pipeline = None if bundle is None else Pipeline.open(settings, engine, pool, bundle)
         on_event(f"watching {inbox} ({'polling' if settings.poll else 'file events'})")
+        reported = FinishedFiles(engine)
         last_sweep = 0.0
         unreadable: set[Path] = set()  # I/O errors at registration; offered again each sweep
         while not stop.is_set():
@@ -331,16 +405,18 @@ def watch_inbox(
                     engine, files, settings, queue="live", pool=pool, on_chunk=enqueue
                 )
                 unreadable.update(reg.skipped_paths)
-                on_event(
-                    f"registered {reg.new} new file(s): {reg.duplicates} duplicate(s), "
-                    f"{reg.refused} refused"
-                )
+                log.info(
+                    "registered %d new file(s): %d duplicate(s), %d refused",
+                    reg.new, reg.duplicates, reg.refused,
+                )  # fmt: skip
+                reported.show(on_event)
             # Drain after new files, and now and then for rows whose lease expired elsewhere.
             if not files and time.monotonic() - last_sweep < IDLE_SWEEP_SECONDS:
                 continue
             last_sweep = time.monotonic()
             if unreadable:
-                retry = sorted(p for p in unreadable if p.exists())
+                # os.path.exists: Path.exists raises on some errors (a name too long, EACCES)
+                retry = sorted(p for p in unreadable if os.path.exists(p))
                 unreadable.clear()
                 again = register_paths(
                     engine, retry, settings, queue="live", pool=pool, on_chunk=enqueue
@@ -351,7 +427,9 @@ def watch_inbox(
             summary = drain(pipeline, stop=stop, wait_for_retries=False)
             if summary.finished:
                 counts = count_by_status(engine)
-                on_event(
-                    f"finished {summary.finished} image(s); ledger: "
-                    + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+                log.info(
+                    "finished %d image(s); ledger: %s",
+                    summary.finished,
+                    ", ".join(f"{k} {v}" for k, v in counts.items() if v),
                 )
+                reported.show(on_event)

@@ -10,13 +10,18 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from collections.abc import Mapping
+from difflib import get_close_matches
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bonewatch import models
+
+if TYPE_CHECKING:
+    from bonewatch.ingest.archives import PathFilter
 
 DEMO_BUNDLE = Path(models.__file__).resolve().parent / "bundles" / "demo-phantom"
 SECRETS_DIR = "/run/secrets"
@@ -52,11 +57,52 @@ class Settings(BaseSettings):
     poll: bool = Field(False, description="poll the inbox instead of OS events (network shares)")
     poll_interval: float = Field(1.0, gt=0)
     follow_symlinks: bool = Field(False, description="follow symlinks that leave the inbox")
+    include: str = Field(
+        "",
+        description="globs of the files and archive members to take, comma-separated (`*.dcm`, "
+        "`PAT*/*`); empty = all; archives are opened whatever it says",
+    )
+    exclude: str = Field(
+        "", description="globs of files and archive members to leave out, comma-separated"
+    )
     # Moving finished files out of the inbox (opt-in; originals are otherwise left in place).
     quarantine: bool = Field(False, description="move finished inbox files to done/ or failed/")
     inbox: Path | None = Field(None, description="the watched folder; `watch INBOX` sets it")
-    engine: Literal["auto", "keras", "onnx"] = Field(
-        "auto", description="inference engine; auto = onnx when the bundle has ONNX models"
+    store_relative_paths: bool = Field(
+        False,
+        description="store file paths relative to path_root (the inbox when watching), so "
+        "folder names above it stay out of the ledger",
+    )
+    path_root: Path | None = Field(
+        None, description="the folder stored paths are relative to; the same on every host"
+    )
+    umask: str = Field(
+        "077",
+        pattern=r"^0?[0-7]{3}$",
+        description="file-creation mask of serving processes (octal); 077: only the owner "
+        "reads the ledger, heatmaps and received files; 027 shares them with the group",
+    )
+    bundle_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="the pinned digest of the bundle (`bonewatch bundle show` prints it); "
+        "a bundle with another digest is refused at load",
+    )
+    engine: Literal["auto", "keras", "onnx", "openvino"] = Field(
+        "auto",
+        description="inference engine; auto = onnx when the bundle has ONNX models; openvino "
+        "runs the same ONNX files after a parity check against ONNX Runtime at load",
+    )
+    precision: Literal["auto", "fp32", "int8", "bf16"] = Field(
+        "auto",
+        description="numeric precision; auto = int8 when the bundle has int8 models (`bundle "
+        "quantize`), else fp32; bf16 on openvino only, where the CPU has it, after a parity check",
+    )
+    reduced_decode: bool = Field(
+        False,
+        description="decode JPEG 2000 and JPEG at the smallest resolution covering the model "
+        "input (full decoding when heatmaps are on, or where the reduction fails); off until "
+        "its parity on J2K phantoms holds (tests/ingest/test_reduced.py)",
     )
     intra_op_threads: int = Field(
         0, ge=0, le=256, description="inference threads inside one op; 0 = one per core"
@@ -99,6 +145,81 @@ class Settings(BaseSettings):
     remote_control: bool = Field(
         False, description="accept Celery remote-control commands (shutdown, pool changes)"
     )
+    # DICOM network: `bonewatch listen` (Storage SCP) and `bonewatch echo`.
+    dicom_host: str = Field("0.0.0.0", min_length=1, description="address `listen` binds")
+    dicom_port: int = Field(11112, ge=0, le=65535, description="port `listen` binds; 0 = any")
+    dicom_ae_title: str = Field(
+        "BONEWATCH",
+        max_length=16,
+        pattern=r"^[\x20-\x5b\x5d-\x7e]*[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]*$",
+        description="the listener's AE title; the called AE title must match it",
+    )
+    dicom_peers: str = Field(
+        "",
+        pattern=r"^\s*(\*|[\x20-\x2b\x2d-\x3f\x41-\x5b\x5d-\x7e]{1,16}(@[\w.:\-]+)?"
+        r"(\s*,\s*[\x20-\x2b\x2d-\x3f\x41-\x5b\x5d-\x7e]{1,16}(@[\w.:\-]+)?)*)?\s*$",
+        description="callers allowed to send: AET or AET@host, comma-separated, or * for any; "
+        "empty = callers on loopback only",
+    )
+    dicom_max_associations: int = Field(10, ge=1, le=1000, description="associations at once")
+    # Results back to PACS (docs/deliver.md).
+    dicom_destinations: str = Field(
+        "", description="AET@host:port[,...] that receive the SRs and Secondary Captures"
+    )
+    dicomweb_url: str | None = Field(None, description="STOW-RS base URL that receives them too")
+    send_retries: int = Field(5, ge=1, le=100, description="attempts per object and destination")
+    send_timeout: float = Field(
+        60.0, ge=0, le=86400, description="seconds `process` waits for its deliveries"
+    )
+    dicom_network_timeout: float = Field(
+        60.0, gt=0, le=3600, description="seconds an association may stay silent"
+    )
+    dicom_acse_timeout: float = Field(
+        30.0, gt=0, le=3600, description="seconds to wait for association set-up messages"
+    )
+    dicom_dimse_timeout: float = Field(
+        60.0, gt=0, le=3600, description="seconds to wait for a DIMSE message"
+    )
+    min_free_mb: int = Field(
+        2048,
+        ge=0,
+        description="free MB the data directory's file system keeps; below it C-STORE answers "
+        "Out of Resources",
+    )
+    study_stable_seconds: float = Field(
+        30.0,
+        ge=0,
+        le=86400,
+        description="a study is complete once nothing new arrived for it this long",
+    )
+    # The review web app: `bonewatch serve`.
+    web_host: str = Field("127.0.0.1", min_length=1, description="address `serve` binds")
+    web_port: int = Field(8000, ge=0, le=65535, description="port `serve` binds; 0 = any")
+    session_secret: str | None = Field(
+        None,
+        min_length=32,
+        description="key that signs the web app's session cookies (the same in every replica); "
+        "default: a random key kept in data_dir/session-key",
+    )
+    session_hours: float = Field(8.0, gt=0, le=720, description="how long a web login lasts")
+    metrics_token: str | None = Field(
+        None, min_length=16, description="bearer token that opens /metrics; unset = admins only"
+    )
+    web_trusted_proxies: str = Field(
+        "",
+        pattern=r"^[\w.:/*,\s-]*$",
+        description="addresses of the TLS reverse proxy whose X-Forwarded-For/-Proto `serve` "
+        "believes, comma-separated; empty = none",
+    )
+    web_secure_cookies: bool = Field(
+        False, description="mark cookies Secure even on plain HTTP (a TLS proxy in front)"
+    )
+    login_attempts: int = Field(
+        5, ge=1, le=1000, description="wrong passwords per account before its logins pause"
+    )
+    login_lockout_seconds: float = Field(
+        900.0, gt=0, le=86400, description="how long that pause lasts"
+    )
 
     _salt: str | None = PrivateAttr(None)
 
@@ -117,6 +238,25 @@ class Settings(BaseSettings):
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes``, validated like any other value (no environment read)."""
         return type(self).model_validate({**self.model_dump(), **changes})
+
+    @property
+    def path_root_for_storage(self) -> Path | None:
+        """The folder ledger paths are relative to, or None when they are stored whole."""
+        if not self.store_relative_paths:
+            return None
+        root = self.path_root or self.inbox
+        return root.absolute() if root is not None else None
+
+    @property
+    def path_filter(self) -> PathFilter:
+        """The include/exclude globs, as ingest applies them to files and archive members."""
+        from bonewatch.ingest.archives import PathFilter  # ingest loads pydicom: not at start-up
+
+        return PathFilter.of(self.include, self.exclude)
+
+    @property
+    def umask_bits(self) -> int:
+        return int(self.umask, 8)
 
     @property
     def resolved_heatmap_dir(self) -> Path:
@@ -182,3 +322,16 @@ def _data_dir_salt(path: Path) -> str:
             return value
         time.sleep(0.01)  # the creator has not written it yet
     raise RuntimeError(f"{path} is empty; delete it or set BONEWATCH_PHI_SALT")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """``BONEWATCH_*`` variables that name no setting, each with the nearest real name (or
+    None): a misspelled setting is otherwise silently ignored."""
+    known = [name.upper() for name in Settings.model_fields]
+    found = []
+    for variable in sorted(environ):
+        name = variable.removeprefix("BONEWATCH_")
+        if variable.startswith("BONEWATCH_") and name not in known:
+            nearest = get_close_matches(name, known, n=1, cutoff=0.7)
+            found.append((variable, f"BONEWATCH_{nearest[0]}" if nearest else None))
+    return found

@@ -141,7 +141,9 @@ def test_same_sop_instance_with_different_bytes_is_a_duplicate(db_engine: Engine
     (again,) = register_images(db_engine, [_new("/in/a2.dcm", 2, sop_instance_uid="1.2.840.9")])
     assert again.status == "duplicate"
     assert again.duplicate_of == orig.image_id
-    assert "sop" in str(_image(db_engine, again.image_id)["reason"])
+    assert str(_image(db_engine, again.image_id)["reason"]) == (
+        f"same SOPInstanceUID as image {orig.image_id} (/in/a.dcm), different bytes"
+    )
 
 
 def test_other_frame_of_the_same_sop_instance_is_not_a_duplicate(db_engine: Engine) -> None:

@@ -12,7 +12,7 @@ from bonewatch.db import current_revision, make_engine, upgrade
 from bonewatch.db.engine import alembic_config, write_transaction
 from bonewatch.db.schema import metadata
 
-LEDGER_TABLES = {"images", "fingerprints", "predictions", "study_results"}
+LEDGER_TABLES = {"images", "fingerprints", "predictions", "study_results", "studies"}
 
 
 def _head() -> str:

@@ -7,6 +7,7 @@ from pydicom.data import get_testdata_file
 
 from bonewatch.ingest import (
     ImageMeta,
+    ImageTooSmallError,
     UnsupportedBodyPartError,
     UnsupportedModalityError,
     body_part_hint,
@@ -18,14 +19,33 @@ RG1_J2KR = get_testdata_file("RG1_J2KR.dcm")
 RG3_J2KR = get_testdata_file("RG3_J2KR.dcm")
 
 
-def _meta(modality: str | None = "CR", body_part: str | None = None) -> ImageMeta:
+CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _meta(
+    modality: str | None = "CR",
+    body_part: str | None = None,
+    *,
+    fmt: str = "dicom",
+    sop_class: str | None = CR_IMAGE,
+    sop_class_name: str | None = None,
+    rows: int | None = None,
+    columns: int | None = None,
+) -> ImageMeta:
     return ImageMeta(
         path="x",
         sha256="0" * 64,
-        format="dicom",
+        format=fmt,
         size_bytes=1,
         modality=modality,
         body_part_examined=body_part,
+        sop_class_uid=sop_class,
+        sop_class_name=sop_class_name,
+        rows=rows,
+        columns=columns,
     )
 
 
@@ -43,7 +63,41 @@ def test_rg3_extremity_passes() -> None:
 
 @pytest.mark.parametrize("modality", ["CR", "DX", "RG", "dx ", None, ""])
 def test_projection_modalities_pass(modality: str | None) -> None:
+    # without a Modality, the CR image SOP class is the sign of a radiograph
     check_acceptance(_meta(modality))
+
+
+@pytest.mark.parametrize("sop_class", [CR_IMAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING])
+def test_radiograph_sop_classes_pass_without_a_modality(sop_class: str) -> None:
+    check_acceptance(_meta(None, sop_class=sop_class))
+
+
+def test_a_dicom_with_no_sign_of_a_radiograph_is_refused() -> None:
+    sc = _meta(None, sop_class=SECONDARY_CAPTURE, sop_class_name="Secondary Capture Image Storage")
+    with pytest.raises(UnsupportedModalityError) as info:
+        check_acceptance(sc)
+    assert info.value.reason.startswith(
+        "a Secondary Capture Image Storage without a Modality shows no sign of being a "
+        "projection radiograph"
+    )
+    with pytest.raises(UnsupportedModalityError, match="without a SOP Class UID"):
+        check_acceptance(_meta("", sop_class=None))
+
+
+def test_a_scanned_film_is_read_and_png_needs_no_modality() -> None:
+    check_acceptance(_meta("CR", sop_class=SECONDARY_CAPTURE))  # a digitised film
+    check_acceptance(_meta(None, fmt="png", sop_class=None))
+
+
+def test_a_matrix_under_half_the_bundle_input_is_refused() -> None:
+    check_acceptance(_meta(rows=64, columns=80), input_size=128)
+    check_acceptance(_meta(rows=40, columns=32))  # no bundle known: no minimum
+    with pytest.raises(ImageTooSmallError) as info:
+        check_acceptance(_meta(rows=40, columns=32), input_size=128)
+    assert info.value.status == "unsupported"
+    assert info.value.reason == (
+        "a 40×32 matrix is too small for this bundle's 128 px input (at least 64 px a side)"
+    )
 
 
 @pytest.mark.parametrize("modality", ["CT", "MR", "US", "NM", "PT", "MG", "SR", "SEG", "OT", "XA"])

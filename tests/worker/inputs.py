@@ -17,10 +17,8 @@ import imagecodecs
 import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
-    ExplicitVRLittleEndian,
     HTJ2KLossless,
     JPEGExtended12Bit,
     JPEGLosslessSV1,
@@ -94,17 +92,12 @@ def _encapsulated(path: Path, codestream: bytes, tsyntax: str, shape: tuple[int,
 
 
 def _object_without_pixels(path: Path, sop_class: str, modality: str) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality = modality
-    ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
-    ds.save_as(path, enforce_file_format=True)
+    from tests.ingest.archive_factory import object_without_pixels
+
+    data = object_without_pixels(
+        sop_class, modality, PatientName=PATIENT_NAME, PatientID=PATIENT_ID
+    )
+    path.write_bytes(data)
     return path
 
 
@@ -183,7 +176,7 @@ def make_every_input(inbox: Path, outside: Path) -> dict[str, Expected]:
     expected["bad/x.dcm/inside.png"] = done
     (inbox / "resent").mkdir()
     shutil.copy(good / "hand AP 1.png", inbox / "resent" / "hand again.png")  # after good/
-    expected["resent/hand again.png"] = Expected.row("duplicate", reason="same sha256 as image")
+    expected["resent/hand again.png"] = Expected.row("duplicate", reason="same bytes as image")
 
     # --- refused: what a folder also holds ------------------------------------------------------
     (bad / "empty.dcm").write_bytes(b"")
@@ -191,7 +184,9 @@ def make_every_input(inbox: Path, outside: Path) -> dict[str, Expected]:
     (bad / "random.dcm").write_bytes(np.random.default_rng(5).bytes(4096))
     expected["bad/random.dcm"] = Expected.row("failed", error_class="NotAnImageError")
     (bad / "notes.txt").write_text("follow-up in two weeks\n")
-    expected["bad/notes.txt"] = Expected.row("failed", error_class="NotAnImageError")
+    expected["bad/notes.txt"] = Expected.row(
+        "unsupported", error_class="NonImageFileError", reason="a text file, not an image"
+    )
     cut = _dicom(bad / "truncated.dcm", np.random.default_rng(1).random((64, 64)))
     cut.write_bytes(cut.read_bytes()[:-3000])
     expected["bad/truncated.dcm"] = Expected.row(
@@ -199,15 +194,15 @@ def make_every_input(inbox: Path, outside: Path) -> dict[str, Expected]:
     )
     _object_without_pixels(bad / "report.dcm", "1.2.840.10008.5.1.4.1.1.88.33", "SR")
     expected["bad/report.dcm"] = Expected.row(
-        "unsupported", error_class="UnsupportedModalityError", reason="modality SR"
+        "unsupported", error_class="NoPixelDataError", reason="a structured report (SR), not an"
     )
     _object_without_pixels(bad / "presentation_state.dcm", "1.2.840.10008.5.1.4.1.1.11.1", "PR")
     expected["bad/presentation_state.dcm"] = Expected.row(
-        "unsupported", error_class="UnsupportedModalityError", reason="modality PR"
+        "unsupported", error_class="NoPixelDataError", reason="a presentation state, not an image"
     )
     _object_without_pixels(bad / "no_pixels.dcm", "1.2.840.10008.5.1.4.1.1.88.11", "CR")
     expected["bad/no_pixels.dcm"] = Expected.row(
-        "unsupported", error_class="NoPixelDataError", reason="Basic Text SR Storage"
+        "unsupported", error_class="NoPixelDataError", reason="(Basic Text SR Storage, 1.2.840"
     )
     crc = bytearray((good / "hand AP 1.png").read_bytes())
     idat = crc.find(b"IDAT")

@@ -23,7 +23,8 @@ from bonewatch.worker.cli import app
 from bonewatch.worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-BONEWATCH_SERVICES = ("migrate", "worker", "watcher")
+BONEWATCH_SERVICES = ("migrate", "worker", "watcher", "listener", "web")
+DICOM_PORT = "11112"
 SECRETS_DIR = "/run/secrets"
 # Third-party images for which no digest could be verified; each must name an exact release.
 UNPINNED_IMAGES = {"flower"}
@@ -78,6 +79,8 @@ def test_the_services_a_distributed_setup_needs(compose):
         "migrate",
         "worker",
         "watcher",
+        "listener",
+        "web",
         "flower",
     }
 
@@ -89,7 +92,13 @@ def test_redis_and_postgres_have_healthchecks(compose):
 
 @pytest.mark.parametrize(
     ("service", "command"),
-    [("migrate", "upgrade"), ("worker", "worker"), ("watcher", "watch")],
+    [
+        ("migrate", "upgrade"),
+        ("worker", "worker"),
+        ("watcher", "watch"),
+        ("listener", "listen"),
+        ("web", "serve"),
+    ],
 )
 def test_each_command_is_one_the_cli_accepts(compose, service, command):
     argv = compose["services"][service]["command"]
@@ -134,7 +143,7 @@ def test_urls_and_the_phi_key_come_from_secret_files(compose):
         assert "BONEWATCH_DATABASE_URL" not in env and "BONEWATCH_BROKER_URL" not in env, name
         assert "BONEWATCH_PHI_SALT" not in env, name
         assert "bonewatch_database_url" in _secret_names(service), name
-    for name in ("worker", "watcher"):
+    for name in ("worker", "watcher", "listener"):
         service = compose["services"][name]
         assert {"bonewatch_broker_url", "bonewatch_phi_key"} <= _secret_names(service), name
         assert _env(service)["BONEWATCH_PHI_KEY_FILE"] == f"{SECRETS_DIR}/bonewatch_phi_key"
@@ -199,7 +208,35 @@ def test_flower_listens_on_loopback_only(compose):
     ports = compose["services"]["flower"]["ports"]
     assert ports == ["127.0.0.1:5555:5555"]
     published = {name for name, s in compose["services"].items() if s.get("ports")}
-    assert published == {"flower"}, "only Flower is published, and only on loopback"
+    assert published == {"flower", "listener", "web"}, (
+        "Flower and the review app (on loopback) and the DICOM port only"
+    )
+
+
+def test_the_listener_publishes_its_dicom_port_and_admits_only_listed_peers(compose):
+    listener = compose["services"]["listener"]
+    env = _env(listener)
+    assert listener["ports"] == [f"{DICOM_PORT}:{DICOM_PORT}"]
+    assert env["BONEWATCH_DICOM_PORT"] == DICOM_PORT
+    # Callers come from the Compose network, never loopback: with nothing configured, none is
+    # let in (the listener logs each refusal with the entry to add), and never "*" by default.
+    assert env["BONEWATCH_DICOM_PEERS"] == "${BONEWATCH_DICOM_PEERS:-}"
+    settings = Settings(**{k.removeprefix("BONEWATCH_").lower(): v for k, v in env.items()
+                           if k != "BONEWATCH_DICOM_PEERS"})  # fmt: skip
+    assert settings.dicom_ae_title == env["BONEWATCH_DICOM_AE_TITLE"]
+    ctx = _parse(listener["command"])
+    assert ctx.params["process"] is True  # with the broker set, it registers and publishes only
+    assert ctx.params["tls_cert"] is None or ctx.params["tls_key"] is not None
+
+
+def test_workers_see_what_the_listener_received(compose):
+    """Received files are written under DATA_DIR/received, on the volume the workers mount at
+    the same path, and the listener starts after the schema exists."""
+    listener, worker = compose["services"]["listener"], compose["services"]["worker"]
+    assert _env(listener)["BONEWATCH_DATA_DIR"] == _env(worker)["BONEWATCH_DATA_DIR"] == "/data"
+    assert "bonewatch-data:/data" in listener["volumes"]
+    assert "bonewatch-data:/data" in worker["volumes"]
+    assert listener["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
 
 def test_flower_requires_basic_auth_from_a_secret(compose):
@@ -231,7 +268,7 @@ def test_every_broker_url_carries_credentials_from_a_secret(compose):
             assert "BROKER_URL" not in key, f"{name}: {key} must come from a secret file"
             assert "redis://" not in value, f"{name}: {key}"
         assert "redis://" not in _command_text(service), name
-    for name in ("worker", "watcher", "flower"):
+    for name in ("worker", "watcher", "listener", "flower"):
         assert "bonewatch_broker_url" in _secret_names(compose["services"][name]), name
 
 
@@ -317,3 +354,22 @@ def test_the_image_installs_the_package_and_runs_as_a_user():
     assert "bonewatch" in folders
     for folder in folders:
         assert re.search(rf"^COPY {folder} {folder}$", dockerfile, re.M), f"COPY {folder}"
+
+
+def test_the_review_app_is_on_loopback_read_only_and_behind_a_login(compose):
+    """`web` binds all addresses inside its container (it refuses to while no account exists),
+    is published on the host's loopback only for a TLS proxy, signs sessions with a secret file
+    (its data volume is read-only), and reads the originals and heatmaps without writing them."""
+    web = compose["services"]["web"]
+    ctx = _parse(web["command"])
+    assert ctx.info_name == "serve" and ctx.params["host"] == "0.0.0.0"
+    port = str(ctx.params["port"])
+    assert web["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert _secret_names(web) == {"bonewatch_database_url", "bonewatch_session_secret"}
+    assert "session_secret" in Settings.model_fields
+    assert all(v.endswith(":ro") for v in web["volumes"]), web["volumes"]
+    assert "bonewatch-data:/data:ro" in web["volumes"]
+    env = _env(web)
+    assert env["BONEWATCH_DATA_DIR"] == "/data" and env["BONEWATCH_WEB_SECURE_COOKIES"] == "true"
+    assert "/healthz" in " ".join(web["healthcheck"]["test"])
+    assert web["depends_on"]["migrate"]["condition"] == "service_completed_successfully"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,3 +92,34 @@ def test_bad_files_and_parts_are_clear_errors(explain, tmp_path):
     write_png(path, spot_image((32, 32), (10, 10), radius=3))
     result = explain(str(path), "--part", "KNEE")
     assert result.exit_code == 1 and "no fracture model for KNEE" in result.output
+
+
+def _yellow_pixels(png: Path, rows: int) -> int:
+    with Image.open(png) as picture:
+        band = np.asarray(picture.convert("RGB"))[-rows:].astype(int)
+    return int(((band[..., 0] > 200) & (band[..., 1] > 170) & (band[..., 2] < 80)).sum())
+
+
+def test_the_heatmap_carries_the_bundle_the_score_and_any_clinical_notice(
+    explain, tmp_path, spot_bundle_dir, monkeypatch
+):
+    path = tmp_path / "wrist.png"
+    write_png(path, spot_image((400, 400), (200, 300), radius=12))
+    assert explain(str(path), "--out", str(tmp_path / "plain.png")).exit_code == 0
+    with Image.open(tmp_path / "plain.png") as picture:
+        bottom = np.asarray(picture.convert("RGB"))[-40:].astype(int)
+    assert (bottom.min(axis=-1) > 200).sum() > 20  # the caption text, in its band
+    assert _yellow_pixels(tmp_path / "plain.png", 60) == 0  # "tests only" makes no claim
+
+    demo = tmp_path / "demo-like"
+    shutil.copytree(spot_bundle_dir, demo)
+    manifest = json.loads((demo / "manifest.json").read_text())
+    manifest["intended_use"] = "Demonstration on phantoms. Not for clinical use."
+    (demo / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("BONEWATCH_BUNDLE", str(demo))
+    result = explain(str(path), "--out", str(tmp_path / "demo.png"))
+    assert result.exit_code == 0
+    assert "not for clinical use" in result.output
+    assert _yellow_pixels(tmp_path / "demo.png", 60) > 50
+    with Image.open(tmp_path / "demo.png") as picture:
+        assert picture.size == (400, 400)  # burned in, not added around

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import hmac
 import io
 import logging
 import os
@@ -92,8 +93,8 @@ def test_one_file_of_every_class_ends_as_one_row_with_a_reason(
     # The originals: same bytes, same modification time, nothing moved (quarantine is off).
     assert snapshot(inbox) == before
 
-    # PHI: PatientID only as its salted hash, PatientName nowhere, in the ledger or the logs.
-    salted = hashlib.sha256((settings.phi_salt + PATIENT_ID).encode()).hexdigest()
+    # PHI: PatientID only as its keyed hash, PatientName nowhere, in the ledger or the logs.
+    salted = hmac.new(settings.phi_salt.encode(), PATIENT_ID.encode(), hashlib.sha256).hexdigest()
     ledger = sqlite3.connect(settings.data_dir / "bonewatch.sqlite")
     (stored,) = ledger.execute(
         "SELECT patient_hash FROM images WHERE path = ?", (str(inbox / "good" / "dx.dcm"),)

@@ -35,7 +35,8 @@ def _inbox(root: Path) -> dict[str, tuple[str, int]]:
     study = root / "XR_ELBOW" / "patient1" / "study1_positive"
     _png(study / "image1.png", BRIGHT)
     _png(study / "image2.png", DARK)
-    (study / "image3.png").write_bytes(b"not an image at all")
+    # a PNG cut off after its signature: failed (a text file would be unsupported)
+    (study / "image3.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16)
     (root / "resent").mkdir()
     (root / "resent" / "image1.png").write_bytes((study / "image1.png").read_bytes())
     return {

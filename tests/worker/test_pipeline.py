@@ -104,13 +104,14 @@ def test_good_bad_and_duplicate_files_each_end_as_one_row(tmp_path, settings):
     assert rows["copy-of-bright.png"]["status"] == "duplicate"
     assert rows["copy-of-bright.png"]["duplicate_of"] == rows["bright.png"]["id"]
     assert rows["empty.dcm"]["status"] == "failed" and rows["empty.dcm"]["reason"]
-    assert rows["notes.txt"]["status"] == "failed" and rows["notes.txt"]["reason"]
+    assert rows["notes.txt"]["status"] == "unsupported"
+    assert rows["notes.txt"]["reason"] == "a text file, not an image"
     assert rows["ct.dcm"]["status"] == "unsupported" and "CT" in rows["ct.dcm"]["reason"]
     assert rows["truncated.dcm"]["status"] == "failed"
     assert "cut short" in rows["truncated.dcm"]["reason"]
     assert rows["truncated.dcm"]["error_class"] == "TruncatedFileError"
     assert rows["no-pixels.dcm"]["status"] == "unsupported"
-    assert "pixel" in rows["no-pixels.dcm"]["reason"].lower()
+    assert rows["no-pixels.dcm"]["reason"].startswith("a structured report (SR), not an image")
     # originals untouched
     assert {p.name: p.read_bytes() for p in inbox.iterdir()} == before
 
@@ -229,7 +230,7 @@ def _eio(path: Path) -> OSError:
     ("reader", "error", "shown"),
     [
         ("read_image", RecursionError("decoder recursed too deep"), "RecursionError"),
-        ("read_header", RuntimeError("reader bug"), "reader bug"),
+        ("read_headers", RuntimeError("reader bug"), "reader bug"),
     ],
 )
 def test_a_reader_crash_costs_one_file_not_the_run(

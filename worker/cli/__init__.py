@@ -4,10 +4,13 @@ library function. This module assembles them into one typer app."""
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from bonewatch.worker.cli import (
     bench,
@@ -15,27 +18,47 @@ from bonewatch.worker.cli import (
     db,
     evaluate,
     explain,
+    listen,
     process,
+    rescore,
     results,
+    reviews,
+    send,
+    serve,
     synth,
     train,
+    user,
     workers,
 )
-from bonewatch.worker.cli._common import err
+from bonewatch.worker.cli._common import describe_fault, err
 
 app = typer.Typer(
     help="bonewatch: find bone fractures on upper-limb radiographs (DICOM and PNG).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Plain help: wraps to the terminal, names each flag once, and shows no value for flags.
+    rich_markup_mode=None,
 )
-db_app = typer.Typer(help="Ledger database maintenance.", no_args_is_help=True)
-bundle_app = typer.Typer(help="Model bundles.", no_args_is_help=True)
+db_app = typer.Typer(
+    help="Ledger database maintenance.", no_args_is_help=True, rich_markup_mode=None
+)
+bundle_app = typer.Typer(help="Model bundles.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(db_app, name="db")
 app.add_typer(bundle_app, name="bundle")
+user_app = typer.Typer(
+    help="Accounts of the review web app.", no_args_is_help=True, rich_markup_mode=None
+)
+reviews_app = typer.Typer(
+    help="Reviewers' verdicts, as training labels and as a measure.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(user_app, name="user")
+app.add_typer(reviews_app, name="reviews")
 
 
 @app.callback()
-def main(
+def global_options(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
 ) -> None:
     logging.basicConfig(
@@ -43,16 +66,31 @@ def main(
         format="%(message)s",
         handlers=[RichHandler(console=err, show_path=False)],
     )
+    # Library warnings (pydicom's about odd headers, ...) become log lines, each shown once.
+    logging.captureWarnings(True)
+    # Alembic's start-up lines ("Context impl", "Will assume") are detail, for -v only.
+    logging.getLogger("alembic").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 # Every command, in the order --help lists them: (group, name or None for the function's).
-COMMANDS = [
+COMMANDS: list[tuple[typer.Typer, str | None, Callable[..., Any]]] = [
     (app, None, process.process),
     (app, None, process.watch),
+    (app, None, rescore.rescore),
+    (app, None, listen.listen),
+    (app, None, listen.echo),
     (app, None, workers.worker),
     (app, None, workers.reconcile),
     (app, None, results.results),
     (app, "status", results.status),
+    (app, None, send.send),
+    (app, None, serve.serve),
+    (user_app, "add", user.add),
+    (user_app, "passwd", user.passwd),
+    (user_app, "remove", user.remove),
+    (user_app, "list", user.list_users),
+    (reviews_app, "export", reviews.export),
+    (reviews_app, "stats", reviews.stats),
     (db_app, "upgrade", db.upgrade),
     (app, None, synth.synth),
     (app, None, train.train),
@@ -60,9 +98,39 @@ COMMANDS = [
     (app, None, explain.explain),
     (bundle_app, "show", bundle.show),
     (bundle_app, "export-onnx", bundle.export_onnx),
+    (bundle_app, "quantize", bundle.quantize),
     (app, None, bench.bench),
 ]
 for group, name, command in COMMANDS:
     group.command(name)(command)
 
-__all__ = ["app"]
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``bonewatch`` entry point: the typer app, with ``-v`` accepted anywhere and a fault of
+    the system (an unreachable database, an unwritable folder, a bad bundle) shown as one line
+    with exit status 1; ``-v`` adds the traceback."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    # `bonewatch results -v` means the same as `bonewatch -v results`; after `--` it is data.
+    end = args.index("--") if "--" in args else len(args)
+    verbose = any(a in VERBOSE_FLAGS for a in args[:end])
+    if verbose:
+        args = ["-v", *[a for a in args[:end] if a not in VERBOSE_FLAGS], *args[end:]]
+    try:
+        app(args=args, prog_name="bonewatch")
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise SystemExit(130) from None
+    except Exception as exc:
+        if verbose:
+            err.print_exception(show_locals=False)
+        err.print(f"[bold red]error:[/] {escape(describe_fault(exc))}", highlight=False)
+        if not verbose and not type(exc).__module__.startswith("bonewatch."):
+            err.print("(run with -v for the traceback)", style="dim")
+        raise SystemExit(1) from None
+
+
+__all__ = ["app", "main"]

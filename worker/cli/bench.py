@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from bonewatch.worker.cli._common import OutputFormat, cell, err, fail, out, settings_from
+from bonewatch.worker.cli._common import TableOrJson, cell, err, fail, out, settings_from
 
 
 class EngineChoice(StrEnum):
@@ -87,11 +87,13 @@ def bench(
     work_dir: Annotated[
         Path | None, typer.Option(help="Keep the bundle, images and ledgers here.")
     ] = None,
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="table or json.")] = (
-        OutputFormat.table
+    fmt: Annotated[TableOrJson, typer.Option("--format", help="table or json.")] = (
+        TableOrJson.table
     ),
 ) -> None:
-    """Measure throughput: the engine's limit, seed-style serving, embedded and distributed.
+    """Measure throughput on this machine.
+
+    The engine's limit, seed-style serving, embedded and distributed.
 
     Builds a randomly initialised two-stage bundle with BACKBONE, writes phantom PNGs and runs
     them through each path on this machine.
@@ -124,7 +126,7 @@ def bench(
             report = run_bench(config, work_dir=work_dir, report=lambda m: err.print(m))
     except (BenchError, ValueError) as exc:
         fail(str(exc), code=1)
-    if fmt is OutputFormat.json:
+    if fmt is TableOrJson.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
     table = Table("figure", "value")

@@ -14,8 +14,8 @@ from bonewatch.worker.cli._common import (
     BundleOpt,
     LabelsOpt,
     LayoutOpt,
-    OutputFormat,
     PartOpt,
+    TableOrJson,
     err,
     fail,
     out,
@@ -71,11 +71,13 @@ def evaluate(
             "--set", help="With --folds: replace one recipe setting, KEY=VALUE (repeatable)."
         ),
     ] = None,
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="table or json.")] = (
-        OutputFormat.table
+    fmt: Annotated[TableOrJson, typer.Option("--format", help="table or json.")] = (
+        TableOrJson.table
     ),
 ) -> None:
-    """Evaluate a bundle on a labelled dataset: MURA metrics with 95 % bootstrap CIs."""
+    """Evaluate a bundle on a labelled dataset.
+
+    MURA's metrics, with 95 % bootstrap confidence intervals."""
     from bonewatch.models.bundle import BundleError, load_bundle
     from bonewatch.models.datasets import DatasetError, load_dataset
     from bonewatch.models.evaluate import Bootstrap, evaluate_predictions
@@ -94,7 +96,7 @@ def evaluate(
     settings = settings_from(bundle=bundle)
     boot = Bootstrap(resamples=resamples, seed=0 if seed is None else seed) if resamples else None
     try:
-        loaded = load_bundle(settings.bundle)
+        loaded = load_bundle(settings.bundle, digest=settings.bundle_sha256)
     except BundleError as exc:
         fail(str(exc), code=1)
     if folds is not None:
@@ -129,7 +131,7 @@ def evaluate(
             bundle=loaded,
         )
         err.print(f"report written to {index}")
-    if fmt is OutputFormat.json:
+    if fmt is TableOrJson.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
     for renderable in reports.evaluation(report):
@@ -147,7 +149,7 @@ def _cross_validate(
     overrides: list[str],
     boot: Any,
     report_dir: Path | None,
-    fmt: OutputFormat,
+    fmt: TableOrJson,
 ) -> None:
     """``evaluate --folds K``: one bundle trained and evaluated per fold."""
     from bonewatch.models.crossval import cross_validate, parse_overrides
@@ -182,7 +184,7 @@ def _cross_validate(
             cross_validation=cv.report,
         )
         err.print(f"report written to {index}")
-    if fmt is OutputFormat.json:
+    if fmt is TableOrJson.json:
         sys.stdout.write(json.dumps(cv.report, indent=2) + "\n")
         return
     for renderable in reports.cross_validation(cv.report):

@@ -9,7 +9,14 @@ from typing import Annotated
 
 import typer
 
-from bonewatch.worker.cli._common import BundleOpt, OutputFormat, fail, out, settings_from
+from bonewatch.worker.cli._common import (
+    BundleOpt,
+    TableOrJson,
+    fail,
+    out,
+    settings_from,
+    warn_if_not_clinical,
+)
 
 
 def explain(
@@ -23,11 +30,13 @@ def explain(
         str | None,
         typer.Option(help="Explain this part's fracture model instead of stage 1's choice."),
     ] = None,
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="table or json.")] = (
-        OutputFormat.table
+    fmt: Annotated[TableOrJson, typer.Option("--format", help="table or json.")] = (
+        TableOrJson.table
     ),
 ) -> None:
-    """Write FILE with the Grad-CAM heatmap of its part's fracture model over it."""
+    """Write a Grad-CAM heatmap of one radiograph.
+
+    FILE with the heatmap of its part's fracture model over it."""
     from bonewatch.ingest import IngestError
     from bonewatch.models.bundle import BundleError, load_bundle
     from bonewatch.worker.heatmaps import ExplainRefused, explain_file
@@ -35,9 +44,10 @@ def explain(
     if not file.is_file():
         fail(f"no such file: {file}")
     settings = settings_from(bundle=bundle)
+    warn_if_not_clinical(settings)
     target = out_png or Path.cwd() / f"{file.stem}-gradcam.png"
     try:
-        loaded = load_bundle(settings.bundle)
+        loaded = load_bundle(settings.bundle, digest=settings.bundle_sha256)
         result = explain_file(file, loaded, settings, out=target.absolute(), part=part)
     except BundleError as exc:
         fail(str(exc), code=1)
@@ -45,7 +55,7 @@ def explain(
         fail(f"{file}: {exc.reason}", code=1)
     except (ExplainRefused, ValueError) as exc:
         fail(str(exc), code=1)
-    if fmt is OutputFormat.json:
+    if fmt is TableOrJson.json:
         sys.stdout.write(json.dumps(result.to_json()) + "\n")
         return
     label = "positive" if result.p_fracture >= result.threshold else "negative"

@@ -2,15 +2,45 @@
 
 from __future__ import annotations
 
-import signal
-import threading
+import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from bonewatch.worker.cli._common import BundleOpt, err, fail, out, progress_bar, settings_from
+from bonewatch.worker.cli._common import (
+    BundleOpt,
+    err,
+    fail,
+    out,
+    progress_bar,
+    settings_from,
+    start_live_service,
+    warn_if_not_clinical,
+)
 from bonewatch.worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+IncludeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--include",
+        metavar="GLOB",
+        help="Take only files and archive members matching GLOB (repeatable).",
+    ),
+]
+ExcludeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--exclude", metavar="GLOB", help="Leave out files and archive members matching GLOB."
+    ),
+]
+
+
+def _globs(values: list[str] | None) -> str | None:
+    """Repeated --include/--exclude values as the setting holds them (comma-separated)."""
+    return ",".join(values) if values else None
 
 
 def process(
@@ -20,24 +50,42 @@ def process(
     wait: Annotated[
         bool, typer.Option("--wait", help="Distributed mode: follow the workers until done.")
     ] = False,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
 ) -> None:
-    """Register every file under PATHS, process them all, print a summary.
+    """Register and process files and folders.
+
+    Every file under PATHS gets a ledger row, then all of them are processed and a summary
+    is printed.
 
     With BONEWATCH_BROKER_URL set, files are only registered and enqueued on the `bulk` queue
     for `bonewatch worker` processes. Bad files end as `failed`/`unsupported` rows with a reason;
     the exit code is non-zero only when the system itself fails (database, bundle, broker).
     """
     from bonewatch.db import count_by_status
-    from bonewatch.worker.runner import open_ledger, process_paths
+    from bonewatch.worker.runner import open_ledger, preflight, process_paths
 
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         fail(f"no such file or folder: {', '.join(missing)}")
-    settings = settings_from(bundle=bundle, batch_size=batch_size)
+    settings = settings_from(
+        bundle=bundle, batch_size=batch_size, include=_globs(include), exclude=_globs(exclude)
+    )
+    root = settings.path_root_for_storage
+    if settings.store_relative_paths and root is None:
+        fail("BONEWATCH_STORE_RELATIVE_PATHS needs BONEWATCH_PATH_ROOT, the folder to store "
+             "paths relative to")  # fmt: skip
+    outside = [str(p) for p in paths if root is not None and not p.absolute().is_relative_to(root)]
+    if outside:
+        fail(f"not under BONEWATCH_PATH_ROOT {root}: {', '.join(outside)}")
     if settings.distributed:
         _enqueue(paths, settings, wait=wait)
         return
-    with progress_bar() as progress:
+    preflight(settings)
+    warn_if_not_clinical(settings)
+    from bonewatch.ingest import counting_skips
+
+    with progress_bar() as progress, counting_skips() as walk:
         seen = progress.add_task("registering", total=None)
         work = progress.add_task("processing", total=0)
         registered, drained = process_paths(
@@ -47,8 +95,10 @@ def process(
             on_queued=lambda n: progress.update(work, total=(progress.tasks[work].total or 0) + n),
             on_finished=lambda n: progress.advance(work, n),
         )
-        progress.update(seen, total=registered.seen)
+        # archive members count as files seen: the bar ends full
+        progress.update(seen, total=registered.seen, completed=registered.seen)
         progress.update(work, total=max(progress.tasks[work].completed, drained.finished))
+    _deliver(settings, drained)
     counts = count_by_status(open_ledger(settings))
     skipped = (
         f", {registered.skipped} unreadable for now (I/O error; run again to take them)"
@@ -57,10 +107,57 @@ def process(
     )
     out.print(
         f"{registered.seen} file(s) seen: {registered.new} new, {registered.duplicates} "
-        f"duplicate(s), {registered.refused} refused at the door{skipped}; "
-        f"{drained.finished} processed."
+        f"duplicate(s), {registered.refused} refused at the door{skipped}"
+        + _left_out(registered, walk)
+        + f"; {drained.finished} processed."
     )
     out.print("ledger: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+def _deliver(settings: Settings, drained: Any) -> None:
+    """Embedded ``process``: the objects of the studies whose images all finished, sent for up
+    to BONEWATCH_SEND_TIMEOUT; what is left stays pending, and the exit status stays 0."""
+    from bonewatch.db import deliveries as outbox
+    from bonewatch.models.bundle import load_bundle
+    from bonewatch.worker import delivery
+    from bonewatch.worker.runner import open_ledger
+
+    targets = delivery.destinations(settings)
+    if not targets:
+        return
+    engine = open_ledger(settings)
+    try:
+        bundle = load_bundle(settings.bundle)
+        studies = outbox.finished_studies(engine, bundle.name, bundle.version)
+        delivery.enqueue_studies(engine, bundle, targets, study_uids=studies)
+        summary = delivery.send_until_done(engine, bundle, settings, timeout=settings.send_timeout)
+        counts = outbox.count_deliveries(engine)
+    except Exception:  # the PACS's or the objects' trouble never fails `process`
+        log.exception("sending the results failed; they stay in the outbox for `bonewatch send`")
+        return
+    finally:
+        engine.dispose()
+    out.print(
+        f"results sent to PACS: {summary.sent} object(s); outbox: "
+        + ", ".join(f"{k} {v}" for k, v in counts.items()),
+        highlight=False,
+    )
+
+
+def _left_out(registered: Any, walk: Any) -> str:
+    """The summary's part for what got no row: excluded files and members, symbolic links
+    leading outside the folder, archive entries that are no files."""
+    parts = []
+    excluded = registered.excluded + walk.excluded
+    if excluded:
+        parts.append(f"{excluded} excluded by --include/--exclude")
+    if walk.links_outside:
+        parts.append(f"{walk.links_outside} symbolic link(s) leading outside skipped")
+    if registered.archive_entries_skipped:
+        parts.append(
+            f"{registered.archive_entries_skipped} archive folder/link/device entries skipped"
+        )
+    return "".join(f", {part}" for part in parts)
 
 
 def _enqueue(paths: list[Path], settings: Settings, *, wait: bool) -> None:
@@ -128,21 +225,32 @@ def watch(
             help="Move finished files to INBOX/done/ or INBOX/failed/ (BONEWATCH_QUARANTINE).",
         ),
     ] = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
 ) -> None:
-    """Follow INBOX until Ctrl-C: files already there first, then new ones as they complete."""
+    """Follow a folder and process files as they complete.
+
+    Files already in INBOX come first, then new ones, until Ctrl-C or SIGTERM."""
+    from bonewatch.ingest.watcher import InboxWatcherError
     from bonewatch.worker.runner import watch_inbox
 
     if not inbox.is_dir():
         fail(f"inbox {inbox} is not a folder")
-    settings = settings_from(poll=poll, settle_seconds=settle, bundle=bundle, quarantine=quarantine)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    enqueue = None
-    if settings.distributed:
-        from bonewatch.worker.distributed import Publisher
-
-        enqueue = Publisher(settings, "live")
+    settings = settings_from(
+        poll=poll,
+        settle_seconds=settle,
+        bundle=bundle,
+        quarantine=quarantine,
+        include=_globs(include),
+        exclude=_globs(exclude),
+    )
+    stop, enqueue = start_live_service(settings)
     try:
         watch_inbox(inbox, settings, stop=stop, on_event=lambda m: err.print(m), enqueue=enqueue)
     except KeyboardInterrupt:
         err.print("stopped")
+    except InboxWatcherError as exc:  # exit 1, on one line, so that a supervisor restarts watch
+        from rich.text import Text
+
+        err.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
+        raise typer.Exit(1) from exc

@@ -19,7 +19,9 @@ def synth(
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same files.")] = 0,
     split: Annotated[str, typer.Option(help="MURA split folder name.")] = "train",
 ) -> None:
-    """Write synthetic phantom studies in MURA layout (PNG and/or DICOM)."""
+    """Write synthetic phantom studies (MURA layout).
+
+    PNG and/or DICOM."""
     from bonewatch.worker.synth import synthesize
 
     with progress_bar() as progress:

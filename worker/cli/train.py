@@ -94,7 +94,9 @@ def train(
     ] = "Research use: fracture triage on upper-limb radiographs. Not a diagnostic device.",
     **recipe: Any,
 ) -> None:
-    """Train a two-stage bundle (body part, then a fracture model per part)."""
+    """Train a two-stage bundle.
+
+    Stage 1 picks the body part, then each part has its own fracture model."""
     from bonewatch.models.architectures import WeightsError
     from bonewatch.models.datasets import DatasetError, detect_layout, load_dataset
     from bonewatch.models.train import TrainProgress, train_bundle

@@ -9,7 +9,14 @@ from typing import Annotated
 
 import typer
 
-from bonewatch.worker.cli._common import BundleOpt, OutputFormat, fail, out, settings_from
+from bonewatch.worker.cli._common import (
+    BundleOpt,
+    TableOrJson,
+    fail,
+    out,
+    settings_from,
+    warn_if_not_clinical,
+)
 
 
 def worker(
@@ -32,7 +39,9 @@ def worker(
     ] = None,
     bundle: BundleOpt = None,
 ) -> None:
-    """Run Celery worker processes (distributed mode; needs BONEWATCH_BROKER_URL).
+    """Run Celery workers (distributed mode).
+
+    Needs BONEWATCH_BROKER_URL.
 
     Each process loads the bundle once and takes batches of image ids; the parent also runs
     `reconcile` every BONEWATCH_RECONCILE_INTERVAL seconds.
@@ -42,6 +51,7 @@ def worker(
     settings = settings_from(bundle=bundle)
     if not settings.distributed:
         fail("bonewatch worker needs BONEWATCH_BROKER_URL (e.g. redis://127.0.0.1:6379/0)")
+    warn_if_not_clinical(settings)
     try:
         run_worker(
             settings,
@@ -55,11 +65,11 @@ def worker(
 
 
 def reconcile(
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="table or json.")] = (
-        OutputFormat.table
+    fmt: Annotated[TableOrJson, typer.Option("--format", help="table or json.")] = (
+        TableOrJson.table
     ),
 ) -> None:
-    """Reclaim expired leases and re-publish queued images whose message was lost."""
+    """Reclaim expired leases and re-publish lost messages."""
     from bonewatch.worker.distributed import DistributedError, open_shared_ledger
     from bonewatch.worker.distributed import reconcile as run_reconcile
 
@@ -70,7 +80,7 @@ def reconcile(
         summary = run_reconcile(open_shared_ledger(settings), settings)
     except DistributedError as exc:
         fail(str(exc))
-    if fmt is OutputFormat.json:
+    if fmt is TableOrJson.json:
         sys.stdout.write(json.dumps(summary.as_dict()) + "\n")
         return
     out.print(

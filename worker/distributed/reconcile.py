@@ -15,7 +15,13 @@ from typing import Any
 from celery import Celery
 from sqlalchemy import Engine
 
-from bonewatch.db import exclusive, make_engine, reclaim_expired, waiting_images
+from bonewatch.db import (
+    exclusive,
+    make_engine,
+    mark_stable_studies,
+    reclaim_expired,
+    waiting_images,
+)
 from bonewatch.worker.distributed.broker import BrokerView, inspect_broker
 from bonewatch.worker.distributed.celery_app import QUEUE_ORDER, get_app
 from bonewatch.worker.distributed.publishing import publish
@@ -32,6 +38,7 @@ class ReconcileSummary:
     released: int = 0  # leases of dead processes on this host
     reclaimed: int = 0  # expired leases queued again
     republished: int = 0  # queued rows whose message was lost, published again
+    stable: int = 0  # studies that became complete (quiet for BONEWATCH_STUDY_STABLE_SECONDS)
     queues: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -67,6 +74,7 @@ def reconcile(engine: Engine, settings: Settings, app: Celery | None = None) -> 
     summary = ReconcileSummary()
     summary.released = release_dead_local_leases(engine, settings)
     summary.reclaimed = reclaim_expired(engine, max_attempts=settings.max_attempts)
+    summary.stable = mark_stable_studies(engine, settings.study_stable_seconds)
     view = inspect_broker(app, fresh_seconds=settings.reconcile_grace_seconds)
     lost = lost_messages(engine, view, grace_seconds=settings.reconcile_grace_seconds)
     for queue in QUEUE_ORDER:

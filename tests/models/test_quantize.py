@@ -1,0 +1,174 @@
+"""int8 models (models/quantize.py), precisions and the OpenVINO engine (models/engines.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bonewatch.models import quantize as quantize_module
+from bonewatch.models.bundle import (
+    LOAD_PARITY,
+    BundleError,
+    check_parity,
+    load_bundle,
+    read_manifest,
+    resolve_precision,
+    sha256_of,
+)
+from bonewatch.models.engines import InferenceThreads, OnnxPredictor, cpu_supports_bf16
+from bonewatch.models.evaluate import evaluate_bundle
+from bonewatch.models.onnx_export import export_onnx, max_output_difference, parity_inputs
+from bonewatch.models.quantize import QuantizationRefused, heldout_samples, quantize_bundle
+from tests.models.conftest import build_tiny_bundle
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("tf2onnx")
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "models" / "bundles" / "demo-phantom"
+
+
+@pytest.fixture(scope="module")
+def fp32_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = build_tiny_bundle(tmp_path_factory.mktemp("quantize") / "tiny")
+    export_onnx(root)
+    return root
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_quantize_adds_int8_models_and_records_the_changes(fp32_bundle, tmp_path):
+    root = _copy(fp32_bundle, tmp_path)
+    manifest, models, comparison = quantize_bundle(root, calibration_images=16, heldout_studies=24)
+    assert manifest.has_int8()
+    assert {m.role for m in models} == set(manifest.models())
+    for entry in manifest.models().values():
+        assert entry.int8 is not None
+        assert sha256_of(root / entry.int8.file) == entry.int8.sha256
+    data = json.loads((root / "manifest.json").read_text())
+    recorded = data["quantization"]
+    assert set(recorded["delta"]["cascade"]) == {
+        "fracture_auroc_study",
+        "kappa_study",
+        "body_part_accuracy",
+    }
+    assert "body_part" in recorded["delta"]["per_model"]
+    assert recorded["tolerance"] == {"fracture_auroc_study": 0.005, "body_part_accuracy": 0.005}
+    assert recorded["delta"] == comparison["delta"]
+    assert load_bundle(root, engine="onnx", precision="auto").precision == "int8"
+    assert load_bundle(root, engine="onnx", precision="fp32").precision == "fp32"
+
+
+def test_quantize_refuses_over_the_tolerance_and_adds_nothing(fp32_bundle, tmp_path, monkeypatch):
+    root = _copy(fp32_bundle, tmp_path)
+    before = (root / "manifest.json").read_bytes()
+    files = sorted(p.name for p in root.iterdir())
+
+    def worse(*args, **kwargs):
+        return {
+            "fp32": {},
+            "int8": {},
+            "delta": {
+                "cascade": {
+                    "fracture_auroc_study": -0.02,
+                    "kappa_study": -0.1,
+                    "body_part_accuracy": 0.0,
+                },
+                "per_model": {},
+            },
+        }
+
+    monkeypatch.setattr(quantize_module, "compare_cascades", worse)
+    with pytest.raises(QuantizationRefused, match="fracture_auroc_study"):
+        quantize_bundle(root, calibration_images=8, heldout_studies=20)
+    assert (root / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in root.iterdir()) == files
+
+
+def test_precision_rules(fp32_bundle):
+    manifest = read_manifest(fp32_bundle)
+    assert resolve_precision(manifest, "onnx") == "fp32"  # no int8 models yet
+    assert resolve_precision(manifest, "keras") == "fp32"
+    with pytest.raises(BundleError, match="no int8"):
+        resolve_precision(manifest, "onnx", "int8")
+    with pytest.raises(BundleError, match="fp32 only"):
+        resolve_precision(manifest, "keras", "int8")
+    with pytest.raises(BundleError, match="openvino"):
+        resolve_precision(manifest, "onnx", "bf16")
+    with pytest.raises(BundleError, match="unknown precision"):
+        resolve_precision(manifest, "onnx", "fp8")
+
+
+# --- the shipped demo bundle, which carries its int8 models ---------------------------------
+
+
+def _demo_roles(bundle):
+    roles = {"body_part": bundle.body_part_model}
+    roles.update({f"fracture_{p.lower()}": m for p, m in bundle.fracture_models.items()})
+    return roles
+
+
+def test_demo_bundle_carries_int8_models_within_its_tolerance():
+    manifest = read_manifest(DEMO)
+    assert manifest.has_int8()
+    recorded = manifest.model_dump()["quantization"]
+    cascade, tolerance = recorded["delta"]["cascade"], recorded["tolerance"]
+    assert -cascade["fracture_auroc_study"] <= tolerance["fracture_auroc_study"]
+    assert -cascade["body_part_accuracy"] <= tolerance["body_part_accuracy"]
+
+
+def test_openvino_fp32_matches_onnx_runtime_on_the_demo_bundle():
+    pytest.importorskip("openvino")
+    bundle = load_bundle(DEMO, engine="openvino", precision="fp32")
+    assert bundle.served_as == "openvino/fp32"
+    gaps = []
+    for role, entry in read_manifest(DEMO).models().items():
+        x = parity_inputs(entry.spec, seed=3)
+        ref = OnnxPredictor(DEMO / entry.onnx.file, InferenceThreads())(x)
+        gaps.append(max_output_difference(_demo_roles(bundle)[role](x), ref))
+    print(f"openvino fp32 vs onnxruntime: max |dp| {max(gaps):.2e}")
+    assert max(gaps) <= 1e-4
+
+
+@pytest.mark.parametrize("engine", ["onnx", "openvino"])
+def test_int8_cascade_stays_within_the_manifest_tolerance(engine, tmp_path):
+    if engine == "openvino":
+        pytest.importorskip("openvino")
+    recorded = read_manifest(DEMO).model_dump()["quantization"]
+    tolerance = recorded["tolerance"]
+    samples = heldout_samples(None, 120, 7357, tmp_path)
+    fp32 = evaluate_bundle(samples, load_bundle(DEMO, engine="onnx"), bootstrap=None)
+    int8 = evaluate_bundle(
+        samples, load_bundle(DEMO, engine=engine, precision="int8"), bootstrap=None
+    )
+    d_auroc = int8["fracture_auroc_study"] - fp32["fracture_auroc_study"]
+    d_acc = int8["body_part_accuracy"] - fp32["body_part_accuracy"]
+    print(f"{engine} int8 vs fp32: d study AUROC {d_auroc:+.4f}, d body-part accuracy {d_acc:+.4f}")
+    assert -d_auroc <= tolerance["fracture_auroc_study"]
+    assert -d_acc <= tolerance["body_part_accuracy"]
+
+
+def test_bf16_only_after_its_parity_check():
+    pytest.importorskip("openvino")
+    manifest = read_manifest(DEMO)
+    if not cpu_supports_bf16():
+        with pytest.raises(BundleError, match="bfloat16"):
+            resolve_precision(manifest, "openvino", "bf16")
+        return
+    try:
+        bundle = load_bundle(DEMO, engine="openvino", precision="bf16")
+    except BundleError as exc:  # the check refused it: that is the check working
+        assert "not served" in str(exc)
+        return
+    gap = check_parity(DEMO, manifest, _demo_roles(bundle), "bf16")
+    print(f"openvino bf16 vs onnxruntime fp32: max |dp| {gap:.2e}")
+    assert gap <= LOAD_PARITY["bf16"]
+    assert np.isfinite(gap)
