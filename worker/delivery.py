@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import Engine
 
 from bonewatch.db import deliveries as outbox
+from bonewatch.db import mark_stable_studies
 from bonewatch.deliver import (
     BundleInfo,
     DeliveryError,
@@ -282,6 +283,7 @@ def write_objects(
     engine: Engine, bundle: Bundle, settings: Settings, out: Path, *, study: str | None = None
 ) -> list[Path]:
     """``send --out``: the complete studies' objects written as files, nothing sent."""
+    mark_stable_studies(engine, settings.study_stable_seconds)
     uids = [study] if study else outbox.studies_to_deliver(engine, bundle.name, bundle.version)
     if study is None:
         uids = sorted(set(uids) | {r["study_uid"] for r in outbox.query_deliveries(engine)})

@@ -39,7 +39,9 @@ def send(
         targets = (Destination.parse(to),) if to else delivery.destinations(settings)
     except ValueError as exc:
         fail(str(exc))
-    loaded = load_bundle(settings.bundle)
+    from bonewatch.db import mark_stable_studies
+
+    loaded = load_bundle(settings.bundle, digest=settings.bundle_sha256)
     engine = open_ledger(settings)
     try:
         if out_dir is not None:
@@ -49,6 +51,7 @@ def send(
         if not targets:
             fail("no destination: set BONEWATCH_DICOM_DESTINATIONS or BONEWATCH_DICOMWEB_URL, "
                  "or pass --to")  # fmt: skip
+        mark_stable_studies(engine, settings.study_stable_seconds)
         added = delivery.enqueue_studies(
             engine, loaded, targets, study_uids=[study] if study else None
         )
