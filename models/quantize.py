@@ -121,13 +121,15 @@ class _Reader:
     """ONNX Runtime's CalibrationDataReader over a preprocessed batch, one image per call."""
 
     def __init__(self, name: str, x: np.ndarray) -> None:
-        self._rows = iter([{name: x[i : i + 1]} for i in range(len(x))])
+        self._all = [{name: x[i : i + 1]} for i in range(len(x))]
+        self._rows = iter(self._all)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._rows, None)
 
-    def rewind(self) -> None:  # pragma: no cover - only some calibrators ask
-        raise NotImplementedError
+    def rewind(self) -> None:
+        """Start again from the first image (calibrators that read the data twice ask)."""
+        self._rows = iter(self._all)
 
 
 def quantize_model(fp32: Path, out: Path, x: np.ndarray) -> None:

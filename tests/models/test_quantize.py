@@ -172,3 +172,14 @@ def test_bf16_only_after_its_parity_check():
     print(f"openvino bf16 vs onnxruntime fp32: max |dp| {gap:.2e}")
     assert gap <= LOAD_PARITY["bf16"]
     assert np.isfinite(gap)
+
+
+def test_the_calibration_reader_rewinds_to_the_first_image():
+    from bonewatch.models.quantize import _Reader
+
+    reader = _Reader("x", np.arange(6, dtype=np.float32).reshape(3, 2))
+    first = [reader.get_next() for _ in range(4)]
+    assert first[-1] is None
+    reader.rewind()
+    again = reader.get_next()
+    assert again is not None and np.array_equal(again["x"], first[0]["x"])

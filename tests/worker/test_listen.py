@@ -182,11 +182,15 @@ def _pdu(kind: int, body: bytes, length: int | None = None) -> bytes:
 
 
 def _closed_by_peer(sock: socket.socket, timeout: float = 10.0) -> bool:
+    """Whether the listener closed the connection within ``timeout`` (after any A-ABORT or
+    A-ASSOCIATE-RJ it sent first); False when it still holds it open."""
     sock.settimeout(timeout)
     try:
         while sock.recv(4096):
-            pass  # an A-ABORT or A-ASSOCIATE-RJ first is fine
-    except (ConnectionResetError, TimeoutError, OSError):
+            continue  # read past what the listener sends before it closes
+    except TimeoutError:
+        return False
+    except OSError:  # reset by the peer
         return True
     return True
 
