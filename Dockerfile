@@ -1,14 +1,15 @@
-# One image for every bonewatch role: migrate, worker, watcher (see docker-compose.yml).
+# One image for every bonewatch role (migrate, worker, watcher, listener, web) and Flower; see
+# docker-compose.yml.
 # Base pinned by digest (python:3.11-slim = 3.11.15 on Debian trixie, multi-arch index); bump the
 # tag and the digest together.
 FROM python:3.11-slim@sha256:90744cff8f32887f075c47d747a173ff333e9e98801667af93c357fa9f5e28ff
 
-# Keras and Matplotlib keep their caches under /tmp: the root file system is read-only in Compose.
+# The serving image: no [train] extra, so no TensorFlow or Keras; bundles run on ONNX Runtime or
+# OpenVINO and heatmaps come from the ONNX graphs (docs/models.md, "Serving without TensorFlow").
+# Matplotlib keeps its cache under /tmp: the root file system is read-only in Compose.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    TF_CPP_MIN_LOG_LEVEL=2 \
-    KERAS_HOME=/tmp/keras \
     MPLCONFIGDIR=/tmp/matplotlib
 
 WORKDIR /app
@@ -23,7 +24,8 @@ COPY worker worker
 COPY bench bench
 COPY web web
 COPY deliver deliver
-RUN pip install . \
+# The [flower] extra: the Compose file's Flower runs from this image too (docs/distributed.md).
+RUN pip install '.[flower]' \
  && groupadd --gid 10001 bonewatch \
  && useradd --create-home --uid 10001 --gid 10001 bonewatch \
  && mkdir -p /data /inbox \

@@ -11,13 +11,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# .installed serves (no TensorFlow); .installed-train adds the [train] extra (TensorFlow, Keras,
+# tf2onnx); the tests need both.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+$(VENV)/.installed-train: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[train]'
 	touch $@ $(VENV)/.installed
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[train,test]'
+	touch $@ $(VENV)/.installed $(VENV)/.installed-train
 
 demo: $(VENV)/.installed
 	$(BIN)/bonewatch synth $(DATA_DIR)/inbox --studies 20 --format both --seed 2026
@@ -42,11 +48,15 @@ lint: $(VENV)/.installed-test
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .pytest_cache
 
-# Rebuild the shipped demo bundle from phantoms (seed 1; the tests evaluate on unseen seeds).
+# Rebuild the shipped demo bundle from phantoms (seed 1; the tests evaluate on unseen seeds):
+# train, then the ONNX models (with the fracture models' class activation outputs, the serving
+# install's heatmaps), then the int8 models.
 DEMO_BUNDLE := models/bundles/demo-phantom
-demo-bundle: $(VENV)/.installed
+demo-bundle: $(VENV)/.installed-train
 	rm -rf build/demo-phantoms
 	$(BIN)/bonewatch synth build/demo-phantoms --studies 1600 --format both --seed 1
 	$(BIN)/bonewatch train build/demo-phantoms --out $(DEMO_BUNDLE) --name demo-phantom \
 	  --version 1.0.0 --seed 1 \
 	  --intended-use "Demonstration only: trained on synthetic phantoms from 'bonewatch synth'. Not for clinical use: it has never seen a real radiograph."
+	$(BIN)/bonewatch bundle export-onnx $(DEMO_BUNDLE)
+	$(BIN)/bonewatch bundle quantize $(DEMO_BUNDLE)

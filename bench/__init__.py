@@ -1,14 +1,15 @@
 """``bonewatch bench``: throughput against the engine's limit and against seed-style serving.
 
-One run builds a random two-stage bundle (``bundle``), writes phantom PNGs of about 512 px like
-MURA's (``inputs``), and measures on the same machine:
+One run builds a random two-stage bundle with int8 models (``bundle``), writes phantoms at a CR's
+full size as PNG or DICOM (``inputs``), and measures on the same machine:
 
-- ``bare``: both stages' batched forward passes on preprocessed tensors, for every engine the
-  bundle has (the limit; ``bare``);
+- ``decode``: the worker's decoding alone, reduced where it applies and in full (``run``);
+- ``bare``: both stages' batched forward passes on preprocessed tensors, for every engine and
+  precision here (the limit; ``bare``);
 - ``seed_style``: read each file, then ``model.predict`` on a batch of one per stage
   (``seed_style``);
 - ``embedded``: files in a folder to rows in SQLite through a ``bonewatch process`` subprocess,
-  for every engine the bundle has (``--one-engine``: the chosen one only; ``ledger``);
+  for every engine and precision (``--one-engine``: the chosen one only; ``ledger``);
 - ``distributed``: the same through Redis, PostgreSQL and ``bonewatch worker`` subprocesses,
   when distributed mode is installed and both servers answer (null otherwise, with the reason;
   ``distributed``);

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
-from bonewatch.bench.config import BenchConfig
-from bonewatch.models.bundle import Bundle, load_bundle
+from bonewatch.models.bundle import Bundle
 from bonewatch.models.cascade import group_by_part, predict_probs
 
 # Bare passes run on at most this many preprocessed images (224 px RGB: 600 KB each).
@@ -29,19 +26,6 @@ def forward_two_stage(bundle: Bundle, x: np.ndarray, batch_size: int) -> int:
     for part, index in groups.items():
         predict_probs(bundle.fracture_models[part], x[index], batch_size)
     return len(groups)
-
-
-def bare_bundles(
-    bundle_dir: Path, engines: Sequence[str], config: BenchConfig
-) -> dict[str, Bundle]:
-    """The bundle loaded here on each engine and warmed up, as the worker warms it up."""
-    bundles = {
-        name: load_bundle(bundle_dir, engine=name, threads=config.threads_for(name))
-        for name in engines
-    }
-    for bundle in bundles.values():
-        bundle.warm_up()
-    return bundles
 
 
 def bare_pass(

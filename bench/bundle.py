@@ -7,11 +7,19 @@ for each part's fracture model) but random weights, since speed does not depend 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 from typing import Any
 
 from bonewatch.bench.config import BenchConfig, Report
-from bonewatch.models.bundle import OTHER, SCHEMA_VERSION, read_manifest, sha256_of, write_manifest
+from bonewatch.models.bundle import (
+    MANIFEST,
+    OTHER,
+    SCHEMA_VERSION,
+    read_manifest,
+    sha256_of,
+    write_manifest,
+)
 from bonewatch.models.engines import onnxruntime_available
 from bonewatch.models.phantoms import PARTS
 
@@ -19,6 +27,8 @@ BENCH_BUNDLE_NAME = "bench-random"
 # Random heads would pick `other` for about one image in eight; a bias this low rules it out, so
 # every image reaches stage 2 as it does in an upper-limb archive.
 OTHER_BIAS = -30.0
+# Phantoms each int8 model of a bench bundle is calibrated on (`bundle quantize` takes 120).
+BENCH_CALIBRATION_IMAGES = 16
 
 
 def build_random_bundle(
@@ -87,7 +97,60 @@ def build_random_bundle(
         from bonewatch.models.onnx_export import export_onnx
 
         export_onnx(out, report=report)
+        add_int8_models(out, report=report)
     return out
+
+
+def add_int8_models(
+    bundle_dir: Path,
+    *,
+    calibration_images: int = BENCH_CALIBRATION_IMAGES,
+    report: Report | None = None,
+) -> None:
+    """Add int8 models to a random bench bundle as ``bundle quantize`` makes them (static QDQ,
+    per channel, S8S8, calibrated on phantoms through the bundle's preprocessing), without its
+    accuracy comparison: random weights have no accuracy to keep, and only speed is measured.
+    """
+    from bonewatch.models.engines import InferenceThreads, OnnxPredictor
+    from bonewatch.models.onnx_export import max_output_difference, parity_inputs
+    from bonewatch.models.quantize import calibration_inputs, quantize_model
+
+    manifest = read_manifest(bundle_dir)
+    data = json.loads((bundle_dir / MANIFEST).read_text(encoding="utf-8"))
+    raw = {"body_part": data["body_part"]}
+    raw.update({f"fracture_{p.lower()}": data["fracture"][p] for p in manifest.parts()})
+    done: dict[str, tuple[str, float]] = {}  # fp32 sha256 -> (int8 file, gap)
+    for role, entry in manifest.models().items():
+        assert entry.onnx is not None
+        if entry.onnx.sha256 not in done:
+            if report is not None:
+                report(f"quantizing {role} to int8 ({calibration_images} calibration phantoms)")
+            fp32 = bundle_dir / entry.onnx.file
+            int8 = fp32.with_suffix(".int8.onnx")
+            x = calibration_inputs(role, entry.spec, n=calibration_images)
+            quantize_model(fp32, int8, x)
+            px = parity_inputs(entry.spec)
+            threads = InferenceThreads()
+            gap = max_output_difference(
+                OnnxPredictor(fp32, threads)(px), OnnxPredictor(int8, threads)(px)
+            )
+            done[entry.onnx.sha256] = (int8.name, gap)
+        name, gap = done[entry.onnx.sha256]
+        raw[role]["int8"] = {
+            "file": name,
+            "sha256": sha256_of(bundle_dir / name),
+            "max_abs_diff": gap,
+            "quant_format": "QDQ",
+            "per_channel": True,
+            "weights": "S8",
+            "activations": "S8",
+        }
+    data["quantization"] = {
+        "method": "onnxruntime.quantization.quantize_static, QDQ, per-channel, S8S8, MinMax",
+        "calibration": {"source": "phantoms", "images_per_model": calibration_images},
+        "note": "benchmark bundle: random weights, so no accuracy comparison",
+    }
+    write_manifest(bundle_dir, data)
 
 
 def bench_bundle(work: Path, config: BenchConfig, report: Report) -> Path:
@@ -95,7 +158,11 @@ def bench_bundle(work: Path, config: BenchConfig, report: Report) -> Path:
     folder = work / f"bundle-{config.backbone}-{config.input_size}-seed{config.seed}"
     if (folder / "manifest.json").is_file():
         manifest = read_manifest(folder)
-        if manifest.has_onnx() or not onnxruntime_available():
+        if not onnxruntime_available():
+            return folder
+        if manifest.has_onnx():
+            if not manifest.has_int8():
+                add_int8_models(folder, report=report)
             return folder
     return build_random_bundle(
         folder,

@@ -44,6 +44,7 @@ def child_env(config: BenchConfig, bundle: Path, **settings: str) -> dict[str, s
         {
             "BONEWATCH_BUNDLE": str(bundle),
             "BONEWATCH_ENGINE": config.engine,
+            "BONEWATCH_PRECISION": config.precision,
             "BONEWATCH_BATCH_SIZE": str(config.batch_size),
             "BONEWATCH_DECODE_WORKERS": str(config.decode_workers),
             "BONEWATCH_INTRA_OP_THREADS": str(config.intra_op_threads),

@@ -12,6 +12,13 @@ from bonewatch.worker.settings import Settings
 Report = Callable[[str], None]
 
 BENCH_SALT = "bonewatch-bench"
+# The encodings ``--input`` writes the phantoms in: PNG, or 12-bit CR DICOM in a transfer syntax.
+INPUT_FORMATS = {
+    "png": None,
+    "dicom": "1.2.840.10008.1.2.1",  # explicit VR little endian, uncompressed
+    "dicom-j2k": "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "dicom-jpegls": "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+}
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/14"
 DEFAULT_DISTRIBUTED_DB = "postgresql+psycopg://postgres@127.0.0.1:5432/bonewatch_bench"
 
@@ -28,13 +35,15 @@ class BenchConfig:
     backbone: str = "densenet121"
     input_size: int = 224
     engine: str = "auto"
+    precision: str = "auto"  # the chosen engine's (BONEWATCH_PRECISION)
     batch_size: int = 16
     decode_workers: int = 2
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     inference_streams: int = 0  # 0: the engine's default (models.engines.default_streams)
     forward_batch: int = 0  # 0: the engine's default (models.engines.cpu_pass_size on a CPU)
-    image_px: int = 512
+    image_px: int = 2000  # the phantoms' long side: a CR's full size
+    input_format: str = "png"  # a key of INPUT_FORMATS
     seed_style_images: int = 32
     register_files: int = 2000
     distributed_workers: int | None = None  # None: as `bonewatch worker` starts; 0: skipped
@@ -50,6 +59,7 @@ class BenchConfig:
         """A config that runs the worker with ``settings``' batch, decode and thread values."""
         base: dict[str, Any] = {
             "engine": settings.engine,
+            "precision": settings.precision,
             "batch_size": settings.batch_size,
             "decode_workers": settings.decode_workers,
             "intra_op_threads": settings.intra_op_threads,

@@ -141,10 +141,12 @@ def measure_distributed(
     # Fresh content on every run: the shared ledger would take repeats as duplicates.
     run_seed = secrets.randbits(48)
     warmup = work / "distributed-warmup"
-    write_phantoms(warmup, 4, px=config.image_px, seed=run_seed)
+    write_phantoms(warmup, 4, px=config.image_px, seed=run_seed, input_format=config.input_format)
     images = work / "distributed-images"
     report(f"distributed: writing {count} phantom PNGs")
-    write_phantoms(images, count, px=config.image_px, seed=run_seed + 1)
+    write_phantoms(
+        images, count, px=config.image_px, seed=run_seed + 1, input_format=config.input_format
+    )
     engine = make_engine(config.distributed_database_url)
     try:
         with _celery_workers(work, env, processes) as workers:

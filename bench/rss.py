@@ -42,7 +42,7 @@ def run_rss_track(
         bundle_dir = bench_bundle(work.root, config, report)
         engine_name = resolve_engine(read_manifest(bundle_dir), config.engine)
         images = work.root / "rss-images"
-        report(f"phantoms: {config.images} PNGs of {config.image_px} px")
+        report(f"phantoms: {config.images} {config.input_format} files of {config.image_px} px")
         phantom_set(images, config, distinct=64)
         data_dir = work.root / "rss-data"
         shutil.rmtree(data_dir, ignore_errors=True)

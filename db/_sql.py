@@ -11,10 +11,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Select, Table, and_, bindparam, update
+from sqlalchemy import Connection, Select, Table, and_, bindparam, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from bonewatch.db.schema import images
+from bonewatch.db.schema import images, runs
 
 # Keeps IN lists and multi-row statements well under SQLite's bound-parameter limit.
 CHUNK = 500
@@ -55,6 +55,12 @@ def check_choice(value: str, allowed: Iterable[str], what: str) -> None:
 def lease_expired(now: datetime) -> Any:
     """SQL: the image is ``processing`` under a lease that ran out before ``now``."""
     return and_(images.c.status == "processing", images.c.lease_expires_at < now)
+
+
+def in_active_run() -> Any:
+    """SQL: the image belongs to no run, or to one that is neither paused nor cancelled."""
+    stopped = select(runs.c.id).where(runs.c.control != "active")
+    return or_(images.c.run_id.is_(None), images.c.run_id.not_in(stopped))
 
 
 def released(now: datetime) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from datetime import datetime
 from sqlalchemy import Connection, Engine, select
 
 from bonewatch.db.engine import write_transaction
+from bonewatch.db.records import FromAttrs
 from bonewatch.db.schema import audit_events, utcnow
 
 ACTIONS: tuple[str, ...] = (
@@ -20,7 +21,7 @@ ACTIONS: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
-class AuditEntry:
+class AuditEntry(FromAttrs):
     """One event as the audit page and the tests read it."""
 
     id: int
@@ -115,15 +116,4 @@ def query_audit(
     if action is not None:
         stmt = stmt.where(a.c.action == action)
     with engine.connect() as conn:
-        return [
-            AuditEntry(
-                id=r.id,
-                created_at=r.created_at,
-                username=r.username,
-                action=r.action,
-                study_uid=r.study_uid,
-                review_id=r.review_id,
-                client=r.client,
-            )
-            for r in conn.execute(stmt)
-        ]
+        return [AuditEntry.from_attrs(row) for row in conn.execute(stmt)]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, Engine, and_, exists, func, or_, select, update
 from sqlalchemy import true as sa_true
 
 from bonewatch.db._sql import chunks, insert
@@ -96,11 +96,15 @@ def enqueue_deliveries(engine: Engine, items: Sequence[NewDelivery]) -> int:
                     created_at=now,
                     updated_at=now,
                 )
-                added += conn.execute(
-                    stmt.on_conflict_do_nothing(
-                        index_elements=[deliveries.c.sop_instance_uid, deliveries.c.destination]
-                    )
-                ).rowcount
+                # RETURNING counts what was added on both dialects (psycopg's rowcount here is
+                # not the row count).
+                added += len(
+                    conn.execute(
+                        stmt.on_conflict_do_nothing(
+                            index_elements=[deliveries.c.sop_instance_uid, deliveries.c.destination]
+                        ).returning(deliveries.c.id)
+                    ).all()
+                )
     return added
 
 
@@ -109,9 +113,10 @@ def due_deliveries(
     *,
     now: datetime | None = None,
     study: str | None = None,
+    bundle: tuple[str, str] | None = None,
     limit: int = 500,
 ) -> list[DueDelivery]:
-    """Pending rows whose next attempt is due, oldest first."""
+    """Pending rows whose next attempt is due, oldest first (of one ``(name, version)``)."""
     now = now or utcnow()
     stmt = (
         select(deliveries)
@@ -121,6 +126,10 @@ def due_deliveries(
     )
     if study is not None:
         stmt = stmt.where(deliveries.c.study_uid == study)
+    if bundle is not None:
+        stmt = stmt.where(
+            deliveries.c.bundle_name == bundle[0], deliveries.c.bundle_version == bundle[1]
+        )
     with engine.connect() as conn:
         rows = conn.execute(stmt).all()
     return [_due(row._mapping) for row in rows]
@@ -140,11 +149,18 @@ def _due(m: Any) -> DueDelivery:
     )
 
 
-def next_delivery_at(engine: Engine, *, study: str | None = None) -> datetime | None:
-    """When the earliest pending row is due; None when nothing is pending."""
+def next_delivery_at(
+    engine: Engine, *, study: str | None = None, bundle: tuple[str, str] | None = None
+) -> datetime | None:
+    """When the earliest pending row (of one ``(name, version)``) is due; None when nothing is
+    pending."""
     stmt = select(func.min(deliveries.c.next_attempt_at)).where(deliveries.c.status == "pending")
     if study is not None:
         stmt = stmt.where(deliveries.c.study_uid == study)
+    if bundle is not None:
+        stmt = stmt.where(
+            deliveries.c.bundle_name == bundle[0], deliveries.c.bundle_version == bundle[1]
+        )
     with engine.connect() as conn:
         return conn.execute(stmt).scalar()
 
@@ -243,31 +259,48 @@ def studies_to_deliver(
     *,
     study_uids: Sequence[str] | None = None,
     finished: bool = False,
+    enqueued: bool = False,
+    destinations: Sequence[str] | None = None,
 ) -> list[str]:
-    """Complete studies with a result of this bundle version and no SR row yet.
+    """Complete studies with a result of this bundle version and no SR row yet (for one of
+    ``destinations`` at least, when given; with ``enqueued``, those that have one too).
 
     Complete: every image of the study has a final status, and either ``study_uids`` names it
     (``process``: all its images finished), or ``finished`` is set (the same for every study),
-    or it counts as received (``studies.stable_at``).
+    or it counts as received (``studies.stable_at``), or it was complete when its objects were
+    first enqueued (an SR row for another destination).
     """
     unfinished = exists().where(
         images.c.study_uid == study_results.c.study_uid, images.c.status.not_in(FINAL_STATUSES)
     )
-    has_sr = exists().where(
-        deliveries.c.study_uid == study_results.c.study_uid,
-        deliveries.c.bundle_name == bundle_name,
-        deliveries.c.bundle_version == bundle_version,
-        deliveries.c.kind == "sr",
-    )
+
+    def has_sr(*where: ColumnElement[bool]) -> ColumnElement[bool]:
+        return exists().where(
+            deliveries.c.study_uid == study_results.c.study_uid,
+            deliveries.c.bundle_name == bundle_name,
+            deliveries.c.bundle_version == bundle_version,
+            deliveries.c.kind == "sr",
+            *where,
+        )
+
+    if enqueued:
+        not_enqueued: ColumnElement[bool] = sa_true()
+    elif destinations:
+        not_enqueued = or_(*(~has_sr(deliveries.c.destination == d) for d in destinations))
+    else:
+        not_enqueued = ~has_sr()
     stable = exists().where(
         studies.c.study_uid == study_results.c.study_uid, studies.c.stable_at.is_not(None)
     )
+    complete: ColumnElement[bool]
     if finished:
         complete = sa_true()
-    elif study_uids is None:
-        complete = stable
     else:
-        complete = or_(stable, study_results.c.study_uid.in_(study_uids))
+        # received (stable), or complete when its objects were first enqueued
+        known = or_(stable, has_sr())
+        complete = (
+            known if study_uids is None else or_(known, study_results.c.study_uid.in_(study_uids))
+        )
     stmt = (
         select(study_results.c.study_uid)
         .where(
@@ -275,7 +308,7 @@ def studies_to_deliver(
             study_results.c.bundle_version == bundle_version,
             study_results.c.mean_p_fracture.is_not(None),
             ~unfinished,
-            ~has_sr,
+            not_enqueued,
             complete,
         )
         .order_by(study_results.c.study_uid)

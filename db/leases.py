@@ -14,12 +14,20 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, bindparam, case, func, or_, select, update
 
-from bonewatch.db._sql import chunks, finished, lease_expired, locking, released, update_each
+from bonewatch.db._sql import (
+    chunks,
+    finished,
+    in_active_run,
+    lease_expired,
+    locking,
+    released,
+    update_each,
+)
 from bonewatch.db.backoff import retry_delay
 from bonewatch.db.engine import write_transaction
 from bonewatch.db.records import ClaimedImage
 from bonewatch.db.registration import hand_over_duplicates
-from bonewatch.db.schema import images, utcnow
+from bonewatch.db.schema import QUEUES, images, utcnow
 
 logger = logging.getLogger(__name__)
 _rng = random.Random()  # backoff jitter; spreads retries of a batch apart
@@ -43,9 +51,30 @@ def _claim_order(c: ClaimedImage) -> tuple[bool, int]:
     return (c.queue != "live", c.image_id)
 
 
-def _claimable(now: datetime) -> Any:
+def claim_queues(bulk_open: bool) -> tuple[str, ...]:
+    """The queues a worker takes from, the bulk window's one rule for both modes: outside the
+    window ``live`` only; inside it ``bulk`` as well (``live`` still first)."""
+    return QUEUES if bulk_open else ("live",)
+
+
+def _takeable(bulk_open: bool, held_runs: Sequence[int]) -> Any:
+    """SQL: on a queue the window opens, in no paused or cancelled run, and in none of
+    ``held_runs`` (runs outside a bulk window of their own)."""
+    where = and_(images.c.queue.in_(claim_queues(bulk_open)), in_active_run())
+    if held_runs:
+        held = or_(images.c.run_id.is_(None), images.c.run_id.not_in(sorted(set(held_runs))))
+        where = and_(where, held)
+    return where
+
+
+def _claimable(now: datetime, bulk_open: bool = True, held_runs: Sequence[int] = ()) -> Any:
+    """SQL: a row a claim may take now: queued and past its backoff, or under an expired lease,
+    and :func:`_takeable`."""
     waiting_done = or_(images.c.retry_after.is_(None), images.c.retry_after <= now)
-    return or_(and_(images.c.status == "queued", waiting_done), lease_expired(now))
+    return and_(
+        or_(and_(images.c.status == "queued", waiting_done), lease_expired(now)),
+        _takeable(bulk_open, held_runs),
+    )
 
 
 def _give_up(conn: Connection, where: Any, *, error_class: str, reason: str, now: datetime) -> int:
@@ -118,13 +147,17 @@ def claim_batch(
     worker_id: str,
     queues: Sequence[str] | None = None,
     max_attempts: int | None = None,
+    bulk_open: bool = True,
+    held_runs: Sequence[int] = (),
 ) -> list[ClaimedImage]:
     """Lease up to ``limit`` images to ``worker_id`` for ``lease_seconds``.
 
     Takes ``queued`` rows and ``processing`` rows whose lease has expired, ``live`` before
     ``bulk`` and then oldest first. Two concurrent callers never get the same row. With
     ``max_attempts``, expired rows that already had that many attempts are marked ``failed``
-    instead of being claimed again.
+    instead of being claimed again. Rows of paused and cancelled runs are never taken, nor
+    ``bulk`` rows while the bulk window is closed (``bulk_open`` False), nor rows of the runs
+    in ``held_runs``.
 
     Returns:
         The claimed images, ``live`` first, then by id; attempts already counts this claim.
@@ -136,7 +169,7 @@ def claim_batch(
         _fail_exhausted(conn, now, max_attempts)
         stmt = (
             select(images.c.id)
-            .where(_claimable(now))
+            .where(_claimable(now, bulk_open, held_runs))
             .order_by(_QUEUE_RANK, images.c.id)
             .limit(limit)
         )
@@ -157,13 +190,18 @@ def claim_images(
     worker_id: str,
     max_attempts: int | None = None,
     taking_over_from: Sequence[str] = (),
+    bulk_open: bool = True,
+    held_runs: Sequence[int] = (),
 ) -> list[ClaimedImage]:
     """Lease the given images, but only those that are ``queued`` or whose lease expired.
 
     For tasks that carry ids: a replayed message for an image that is done, or that another
-    worker holds, claims nothing. Rows that ``worker_id`` itself still holds, or that a worker
-    in ``taking_over_from`` holds, are taken again: that is a task retried after the database
-    went away mid-batch, in the same process or in another one the batch was handed to.
+    worker holds, claims nothing; nor does one for a paused or cancelled run, or for ``bulk``
+    rows while the bulk window is closed (``bulk_open`` False) or of ``held_runs``. Rows that
+    ``worker_id`` itself
+    still holds, or that a worker in ``taking_over_from`` holds, are taken again: that is a
+    task retried after the database went away mid-batch, in the same process or in another one
+    the batch was handed to.
     ``max_attempts`` works as in :func:`claim_batch`.
 
     Returns:
@@ -180,7 +218,7 @@ def claim_images(
             mine = and_(images.c.status == "processing", images.c.leased_by.in_(holders))
             stmt = (
                 select(images.c.id)
-                .where(images.c.id.in_(chunk), or_(_claimable(now), mine))
+                .where(images.c.id.in_(chunk), or_(_claimable(now, bulk_open, held_runs), mine))
                 .order_by(images.c.id)
             )
             ids.extend(conn.scalars(locking(conn, stmt)))
@@ -280,12 +318,18 @@ def reclaim_expired(engine: Engine, *, max_attempts: int | None = None) -> int:
     return count
 
 
-def next_retry_at(engine: Engine) -> datetime | None:
-    """When the earliest queued image that is waiting out a backoff becomes claimable."""
+def next_retry_at(
+    engine: Engine, *, bulk_open: bool = True, held_runs: Sequence[int] = ()
+) -> datetime | None:
+    """When the earliest queued image that is waiting out a backoff becomes claimable (of
+    those a claim with ``bulk_open`` and ``held_runs`` may take: none of a paused or
+    cancelled run)."""
     with engine.connect() as conn:
         value = conn.execute(
             select(func.min(images.c.retry_after)).where(
-                images.c.status == "queued", images.c.retry_after.is_not(None)
+                images.c.status == "queued",
+                images.c.retry_after.is_not(None),
+                _takeable(bulk_open, held_runs),
             )
         ).scalar()
     if value is None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Engine, Select, case, exists, func, or_, select
 
-from bonewatch.db._sql import CHUNK, lease_expired
+from bonewatch.db._sql import CHUNK, in_active_run, lease_expired
 from bonewatch.db.schema import STATUSES, images, study_results, utcnow
 from bonewatch.db.schema import predictions as prediction_table
 
@@ -50,6 +50,7 @@ _RESULT_COLUMNS: tuple[Any, ...] = (
     images.c.attempts,
     images.c.created_at,
     images.c.finished_at,
+    images.c.run_id,
 )
 # query_studies' keys in order.
 _STUDY_COLUMNS: tuple[Any, ...] = (
@@ -108,6 +109,7 @@ def waiting_images(
             images.c.id > after_id,
             images.c.updated_at < settled_before,
             or_(images.c.retry_after.is_(None), images.c.retry_after <= now),
+            in_active_run(),  # a paused run's rows are published again when it resumes
         )
         .order_by(images.c.id)
         .limit(limit)
@@ -148,13 +150,15 @@ def ledger_health(engine: Engine) -> dict[str, int]:
     }
 
 
-def count_by_status(engine: Engine) -> dict[str, int]:
-    """How many images are in each status; every status is a key, zeros included."""
+def count_by_status(engine: Engine, *, run_id: int | None = None) -> dict[str, int]:
+    """How many images are in each status (of one run, with ``run_id``); every status is a
+    key, zeros included."""
     counts = dict.fromkeys(STATUSES, 0)
+    stmt = select(images.c.status, func.count()).group_by(images.c.status)
+    if run_id is not None:
+        stmt = stmt.where(images.c.run_id == run_id)
     with engine.connect() as conn:
-        for status, n in conn.execute(
-            select(images.c.status, func.count()).group_by(images.c.status)
-        ):
+        for status, n in conn.execute(stmt):
             counts[status] = n
     return counts
 
@@ -174,12 +178,14 @@ def query_results(
     path_glob: str | None = None,
     bundle: str | None = None,
     finished_after: datetime | None = None,
+    run_id: int | None = None,
 ) -> list[dict[str, object]]:
     """One dict per image with its latest prediction (if any), filtered, ordered by image id.
 
     ``part`` and ``label`` and the score range match the latest prediction; ``status``,
-    ``since`` (on ``created_at``), ``image_id`` and ``path_glob`` (``*`` and ``?`` as in a
-    shell; ``*`` also crosses ``/``) match the image. Timestamps come back as ISO 8601 strings.
+    ``since`` (on ``created_at``), ``run_id``, ``image_id`` and ``path_glob`` (``*`` and ``?``
+    as in a shell; ``*`` also crosses ``/``) match the image. Timestamps come back as ISO 8601
+    strings.
     """
     latest_query = select(
         prediction_table.c.image_id,
@@ -211,6 +217,8 @@ def query_results(
         stmt = stmt.where(p.c.p_fracture <= max_p)
     if image_id is not None:
         stmt = stmt.where(images.c.id == image_id)
+    if run_id is not None:
+        stmt = stmt.where(images.c.run_id == run_id)
     if finished_after is not None:
         stmt = stmt.where(images.c.finished_at > finished_after)
     if bundle is not None:

@@ -11,10 +11,11 @@ field here (plus the schema and its Alembic migration); the statements follow th
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from datetime import datetime
 from typing import Any, Self, cast
 
 
-class _FromAttrs:
+class FromAttrs:
     """``from_attrs``: build the dataclass from another object's attributes of the same names."""
 
     @classmethod
@@ -39,7 +40,7 @@ class _FromAttrs:
 
 
 @dataclass(frozen=True)
-class NewImage(_FromAttrs):
+class NewImage(FromAttrs):
     """A file (or frame) seen by ingest, to be registered in the ledger.
 
     ``status`` is ``queued`` unless the header already showed the file to be ``failed`` or
@@ -67,6 +68,7 @@ class NewImage(_FromAttrs):
     status: str = "queued"
     error_class: str | None = None
     reason: str | None = None
+    run_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class Registered:
     duplicate_of: int | None
     created: bool
     requeued: bool = False  # an old row that had failed for a passing reason, queued again
+    retaken: bool = False  # the path's row without a result, taken again for its new bytes
+    deferred: bool = False  # no row now: the path's row is being processed; offer it again
 
 
 @dataclass(frozen=True)
@@ -91,17 +95,15 @@ class ClaimedImage:
     queue: str
     study_uid: str | None
     body_part_examined: str | None
+    run_id: int | None = None
 
 
-@dataclass(frozen=True)
-class PredictionRecord(_FromAttrs):
-    """One bundle version's result for one image; ``status`` is ``done`` or ``unsupported``."""
+@dataclass(frozen=True, kw_only=True)
+class PredictionOutcome:
+    """What the two stages said about one image: each field the ``predictions`` column of the
+    same name, stored by :class:`PredictionRecord` and read back by the study page
+    (``worklist.PredictionView``)."""
 
-    image_id: int
-    bundle_name: str
-    bundle_version: str
-    status: str
-    reason: str | None
     body_part_probs: dict[str, float]
     body_part: str | None
     body_part_confidence: float | None
@@ -111,6 +113,21 @@ class PredictionRecord(_FromAttrs):
     label: str | None
     threshold: float | None
     fracture_model: str | None
+
+
+# The outcome's fields, in order: the prediction columns a reader selects.
+PREDICTION_OUTCOME_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(PredictionOutcome))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictionRecord(PredictionOutcome, FromAttrs):
+    """One bundle version's result for one image; ``status`` is ``done`` or ``unsupported``."""
+
+    image_id: int
+    bundle_name: str
+    bundle_version: str
+    status: str
+    reason: str | None
     # Milliseconds per step, and ``engine``: the engine/precision that served (``onnx/int8``).
     timings: dict[str, float | str]
     heatmap_path: str | None = None
@@ -136,6 +153,61 @@ class FailureRecord:
 FAILURE_IMAGE_FIELDS: tuple[str, ...] = tuple(
     f.name for f in fields(FailureRecord) if f.name != "image_id"
 )
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """A run to create: each field is the ``runs`` column of that name. ``key`` names a
+    long-lived run (a watched folder, a listener) that a restart carries on with."""
+
+    kind: str
+    queue: str
+    paths: tuple[str, ...]
+    started_by: str
+    bundle_name: str | None = None
+    bundle_version: str | None = None
+    bulk_window: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Where a run stands. ``control`` is what its owner asked for (active, paused,
+    cancelled); ``state`` is derived from it and the counts: queued (nothing finished or
+    taken yet), running, paused, cancelled or done (registration over and nothing left).
+
+    ``counts`` has every image status; ``left`` is queued + processing + cancelled. The rate
+    fields are for images the workers finished (not those refused at the door or duplicates):
+    ``recent`` images finished in the last ``recent_seconds``, measured between the first and
+    last finish times there (``recent_span_seconds``, with ``recent_first`` images finished
+    at the first one); ``total_*`` the same over the run's whole life.
+    """
+
+    id: int
+    kind: str
+    key: str | None
+    queue: str
+    paths: tuple[str, ...]
+    started_by: str
+    bundle_name: str | None
+    bundle_version: str | None
+    bulk_window: str | None
+    control: str
+    reason: str | None
+    created_at: datetime
+    updated_at: datetime
+    sealed_at: datetime | None
+    state: str
+    counts: dict[str, int]
+    left: int
+    recent_seconds: float
+    recent: int
+    recent_first: int
+    recent_span_seconds: float
+    total_worked: int
+    total_first: int
+    total_span_seconds: float
+    last_finished_at: datetime | None
 
 
 def image_values(item: NewImage) -> dict[str, Any]:

@@ -1,9 +1,17 @@
-"""Registering files in the ledger: idempotent inserts and deduplication by fingerprint."""
+"""Registering files in the ledger: idempotent inserts and deduplication by fingerprint.
+
+A path keeps one row per content it showed, with one exception: a file whose newest row never
+got a result (``failed``, ``unsupported`` or still ``queued``, no prediction) and whose bytes
+have changed since is taken again as that same row. A file that failed while it was still being
+written (a pause longer than the settle time) thus ends as one row, ``done`` once complete,
+never a failed row beside a done one; a row that holds a result stays, and new bytes at its path
+are a new image.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -13,6 +21,7 @@ from sqlalchemy import (
     Insert,
     and_,
     bindparam,
+    delete,
     exists,
     false,
     or_,
@@ -20,10 +29,10 @@ from sqlalchemy import (
     update,
 )
 
-from bonewatch.db._sql import check_choice, chunks, insert, update_each
+from bonewatch.db._sql import check_choice, chunks, insert, released, update_each
 from bonewatch.db.engine import write_transaction
 from bonewatch.db.records import NewImage, Registered, image_values
-from bonewatch.db.schema import fingerprints, images, utcnow
+from bonewatch.db.schema import fingerprints, images, predictions, studies, utcnow
 from bonewatch.db.studies import note_arrivals
 
 logger = logging.getLogger(__name__)
@@ -31,6 +40,12 @@ logger = logging.getLogger(__name__)
 # Failures that say nothing about the file itself; seeing the file again retries it.
 # A file that kept killing its workers (LeaseExpired, WorkerDied) is not retried this way.
 RETRYABLE_ERRORS = ("TransientIOError",)
+
+# The statuses of a newest row that is taken again when its path shows other bytes: no result
+# was recorded for it, so the new bytes are the same file, complete now (or changed before use).
+RETAKEN_STATUSES = ("failed", "unsupported", "queued")
+
+Key = tuple[str, str | None]  # (path, sha256): one row
 
 
 def _fingerprint_values(item: NewImage) -> list[tuple[str, str]]:
@@ -45,13 +60,27 @@ def _fingerprint_values(item: NewImage) -> list[tuple[str, str]]:
     return values
 
 
-def register_images(engine: Engine, items: Sequence[NewImage]) -> list[Registered]:
+def register_images(
+    engine: Engine, items: Sequence[NewImage], *, retake_finished: bool = True
+) -> list[Registered]:
     """Register files in the ledger, idempotently, marking copies as duplicates.
 
     A file already registered at the same path with the same sha256 keeps its row
     (``created=False``). A new row whose sha256, or SOPInstanceUID (plus frame), already belongs
     to another image gets status ``duplicate`` and ``duplicate_of`` that image. Ownership of a
     fingerprint is decided by a unique key with insert-or-ignore, so concurrent registrants agree.
+
+    Other bytes at a path whose newest row has no result (``failed``, ``unsupported``, or
+    ``queued`` still; see the module docstring) retake that row (``retaken=True``): its columns
+    become the new file's, its attempts start again, its old fingerprints go and the new ones are
+    claimed as a new row's would be (so it may end a ``duplicate``). Its study counts it once.
+    Other bytes at a path whose newest row is being processed get no row now
+    (``deferred=True``): the caller offers the file again later, when that row has ended.
+
+    Args:
+        retake_finished: Take ``failed`` and ``unsupported`` rows again too, not only ``queued``
+            ones. False where finished files are moved away (quarantine): new bytes at such a
+            path are another file, and the moved one keeps its row.
 
     Returns:
         One ``Registered`` per item, in the order given.
@@ -64,13 +93,17 @@ def register_images(engine: Engine, items: Sequence[NewImage]) -> list[Registere
     now = utcnow()
     # Same key twice in one batch is still one row. Inserting in key order means two concurrent
     # batches take their unique-index locks in the same order and cannot deadlock each other.
-    unique: dict[tuple[str, str | None], NewImage] = {}
+    unique: dict[Key, NewImage] = {}
     for item in items:
         unique.setdefault((item.path, item.sha256), item)
-    ordered = sorted(unique.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))
 
     with write_transaction(engine) as conn:
-        created_ids: dict[tuple[str, str | None], int] = {}
+        retaken, deferred, moved_studies = _retake_changed(conn, unique, now, retake_finished)
+        ordered = sorted(
+            ((k, v) for k, v in unique.items() if k not in retaken and k not in deferred),
+            key=lambda kv: (kv[0][0], kv[0][1] or ""),
+        )
+        created_ids: dict[Key, int] = {}
         for chunk in chunks(ordered):
             rows = [
                 {
@@ -88,23 +121,15 @@ def register_images(engine: Engine, items: Sequence[NewImage]) -> list[Registere
             ):
                 created_ids[(row.path, row.sha256)] = row.id
 
-        _mark_duplicates(conn, unique, created_ids, now)
-        requeued = _requeue_retryable(conn, unique, created_ids, now)
+        # A retaken row claims its fingerprints as a new one does.
+        _mark_duplicates(conn, unique, {**created_ids, **retaken}, now)
+        requeued = _requeue_retryable(conn, unique, {**created_ids, **retaken}, now)
 
         # Read every row back (new and old) for its final status.
-        by_key: dict[tuple[str, str | None], Any] = {}
-        paths = sorted({key[0] for key in unique})
-        for chunk in chunks(paths):
-            for row in conn.execute(
-                select(
-                    images.c.id,
-                    images.c.path,
-                    images.c.sha256,
-                    images.c.status,
-                    images.c.duplicate_of,
-                ).where(images.c.path.in_(chunk))
-            ):
-                by_key[(row.path, row.sha256)] = row
+        by_key: dict[Key, Any] = {
+            (row.path, row.sha256): row
+            for row in _rows_at(conn, {key[0] for key in unique}, images.c.duplicate_of)
+        }
 
         # New instances (not copies of known ones) move their study's arrival time.
         arrivals: dict[str, int] = {}
@@ -112,11 +137,25 @@ def register_images(engine: Engine, items: Sequence[NewImage]) -> list[Registere
             study_uid = unique[key].study_uid
             if study_uid and by_key[key].status != "duplicate":
                 arrivals[study_uid] = arrivals.get(study_uid, 0) + 1
+        # A retaken row is an arrival again (its study may be complete only now), counted once:
+        # a row with a study counted in it when it was made, so it moves to its new study (or
+        # leaves its old one when it turned out a duplicate).
+        left: list[str] = []
+        for key, old_study in moved_studies.items():
+            study_uid = unique[key].study_uid if by_key[key].status != "duplicate" else None
+            if study_uid:
+                arrivals[study_uid] = arrivals.get(study_uid, 0) + (study_uid != old_study)
+            if old_study and old_study != study_uid:
+                left.append(old_study)
         note_arrivals(conn, arrivals, now)
+        _uncount(conn, left, now)
 
     result: list[Registered] = []
     for item in items:
         key = (item.path, item.sha256)
+        if key in deferred:
+            result.append(Registered(deferred[key], "processing", None, False, deferred=True))
+            continue
         row = by_key[key]
         result.append(
             Registered(
@@ -124,13 +163,96 @@ def register_images(engine: Engine, items: Sequence[NewImage]) -> list[Registere
                 status=row.status,
                 duplicate_of=row.duplicate_of,
                 created=key in created_ids,
-                requeued=row.id in requeued,
+                requeued=row.id in requeued or (key in retaken and row.status == "queued"),
+                retaken=key in retaken,
             )
         )
     n_new = len(created_ids)
     n_dup = sum(1 for r in result if r.created and r.status == "duplicate")
     logger.debug("registered %d items: %d new, %d duplicates", len(items), n_new, n_dup)
     return result
+
+
+def _rows_at(conn: Connection, paths: set[str], *columns: Any) -> Iterator[Any]:
+    """The ``images`` rows at ``paths``: id, path, sha256, status and ``columns``."""
+    for chunk in chunks(sorted(paths)):
+        yield from conn.execute(
+            select(images.c.id, images.c.path, images.c.sha256, images.c.status, *columns).where(
+                images.c.path.in_(chunk)
+            )
+        )
+
+
+def _retake_changed(
+    conn: Connection, unique: dict[Key, NewImage], now: datetime, retake_finished: bool
+) -> tuple[dict[Key, int], dict[Key, int], dict[Key, str | None]]:
+    """Take again the rows of files whose bytes changed before they got a result.
+
+    Returns:
+        The keys retaken, each with its row's id; the keys deferred (their path's newest row is
+        ``processing``), each with that row's id; and each retaken key's study before.
+    """
+    newest: dict[str, Any] = {}
+    known: set[Key] = set()
+    has_result = exists().where(predictions.c.image_id == images.c.id)
+    for row in _rows_at(
+        conn, {path for path, _ in unique}, images.c.study_uid, has_result.label("has_result")
+    ):
+        known.add((row.path, row.sha256))
+        if row.path not in newest or row.id > newest[row.path].id:
+            newest[row.path] = row
+    retaken: dict[Key, int] = {}
+    deferred: dict[Key, int] = {}
+    studies_before: dict[Key, str | None] = {}
+    taken_paths: set[str] = set()
+    for key in sorted(unique, key=lambda k: (k[0], k[1] or "")):
+        current = newest.get(key[0])
+        if key in known or current is None or key[0] in taken_paths:
+            continue
+        if current.status == "processing":
+            deferred[key] = current.id  # its worker reads the old bytes; offered again later
+            continue
+        statuses = RETAKEN_STATUSES if retake_finished else ("queued",)
+        if current.status not in statuses or current.has_result:
+            continue  # a result stays with the bytes it is for; these bytes are a new image
+        item = unique[key]
+        values = {k: v for k, v in image_values(item).items() if k != "path"}
+        if values.get("run_id") is None:
+            values.pop("run_id", None)  # registered outside a run: the row stays in its own
+        taken = conn.execute(
+            update(images)
+            # still as read: a worker that claimed the queued row meanwhile keeps it
+            .where(images.c.id == current.id, images.c.status == current.status)
+            .values(
+                **values,
+                **released(now),
+                attempts=0,
+                retry_after=None,
+                duplicate_of=None,
+                finished_at=now if item.status != "queued" else None,
+            )
+        ).rowcount
+        if not taken:
+            deferred[key] = current.id
+            continue
+        # The old bytes are gone from the path: their fingerprints no longer point here.
+        conn.execute(delete(fingerprints).where(fingerprints.c.image_id == current.id))
+        retaken[key] = current.id
+        studies_before[key] = current.study_uid
+        taken_paths.add(key[0])
+    if retaken:
+        logger.info("took again %d file(s) whose bytes changed before a result", len(retaken))
+    return retaken, deferred, studies_before
+
+
+def _uncount(conn: Connection, study_uids: Sequence[str], now: datetime) -> None:
+    """One arrival fewer for each study a retaken row left."""
+    for uid in sorted(study_uids):
+        conn.execute(
+            update(studies)
+            .where(studies.c.study_uid == uid, studies.c.n_received > 0)
+            .values(n_received=studies.c.n_received - 1, last_received_at=now, stable_at=None)
+        )
 
 
 def _owned_elsewhere(item: NewImage) -> Any:
@@ -171,6 +293,8 @@ def _requeue_retryable(
                 .values(
                     status="queued",
                     queue=unique[key].queue,
+                    # seen again by another run: that run now holds it
+                    run_id=images.c.run_id if unique[key].run_id is None else unique[key].run_id,
                     attempts=0,
                     error_class=None,
                     reason=None,

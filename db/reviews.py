@@ -11,6 +11,7 @@ from sqlalchemy import Engine, and_, func, select
 from bonewatch.db._sql import check_choice
 from bonewatch.db.audit import add_audit_event
 from bonewatch.db.engine import write_transaction
+from bonewatch.db.records import FromAttrs
 from bonewatch.db.schema import LABELS, VERDICTS, images, reviews, study_results, utcnow
 from bonewatch.db.worklist import ReviewView, review_view
 
@@ -127,7 +128,7 @@ def record_review(engine: Engine, review: NewReview, *, client: str | None = Non
 
 
 @dataclass(frozen=True)
-class ReviewedStudy:
+class ReviewedStudy(FromAttrs):
     """A study's latest review beside the result it judged.
 
     ``part`` is the reviewer's corrected part, else the part of the reviewed result.
@@ -166,7 +167,7 @@ def latest_reviews(
             rv.c.bundle_name,
             rv.c.bundle_version,
             rv.c.reviewer,
-            rv.c.created_at,
+            rv.c.created_at.label("reviewed_at"),
         )
         .select_from(
             rv.join(ids, ids.c.id == rv.c.id).outerjoin(
@@ -181,20 +182,7 @@ def latest_reviews(
         .order_by(rv.c.study_uid)
     )
     with engine.connect() as conn:
-        return [
-            ReviewedStudy(
-                study_uid=row.study_uid,
-                label=row.label,
-                part=row.part,
-                model_label=row.model_label,
-                model_score=row.model_score,
-                bundle_name=row.bundle_name,
-                bundle_version=row.bundle_version,
-                reviewer=row.reviewer,
-                reviewed_at=row.created_at,
-            )
-            for row in conn.execute(stmt)
-        ]
+        return [ReviewedStudy.from_attrs(row) for row in conn.execute(stmt)]
 
 
 def study_reviews(engine: Engine, study_uid: str) -> list[ReviewView]:

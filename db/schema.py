@@ -30,8 +30,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-# Every status an image row can hold; "queued" and "processing" are the only non-final ones.
-STATUSES: tuple[str, ...] = ("queued", "processing", "done", "failed", "unsupported", "duplicate")
+# Every status an image row can hold. "queued", "processing" and "cancelled" (the rest of a
+# cancelled run, queued again when the run is resumed) are the non-final ones.
+STATUSES: tuple[str, ...] = (
+    "queued",
+    "processing",
+    "done",
+    "failed",
+    "unsupported",
+    "duplicate",
+    "cancelled",
+)
 FINAL_STATUSES: tuple[str, ...] = ("done", "failed", "unsupported", "duplicate")
 QUEUES: tuple[str, ...] = ("live", "bulk")
 FINGERPRINT_KINDS: tuple[str, ...] = ("sha256", "sop")
@@ -93,6 +102,42 @@ def _in_list(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
 
+# Runs (migration 0005): an archive given to `process`, or a watched folder or a listener.
+RUN_KINDS: tuple[str, ...] = ("archive", "watch", "listen")
+# What the run's owner asked for; the state shown (queued, running, done...) is derived from it
+# and the counts of the run's images.
+RUN_CONTROLS: tuple[str, ...] = ("active", "paused", "cancelled")
+
+
+class Run(Base):
+    """One run: the paths given to one `process`, or one watched folder or listener for good."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    # A long-lived run's identity ("watch:/srv/inbox"), so a restart carries on with it.
+    key: Mapped[str | None] = mapped_column(String(512), unique=True)
+    queue: Mapped[str] = mapped_column(String(16))
+    paths: Mapped[list[str]] = mapped_column(JSON)
+    started_by: Mapped[str] = mapped_column(String(255))
+    bundle_name: Mapped[str | None] = mapped_column(String(128))
+    bundle_version: Mapped[str | None] = mapped_column(String(64))
+    bulk_window: Mapped[str | None] = mapped_column(String(32))
+    control: Mapped[str] = mapped_column(String(16), default="active")
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # Every path registered: from then on no image joins it (never set for long-lived runs).
+    sealed_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        CheckConstraint(_in_list("kind", RUN_KINDS), name="kind"),
+        CheckConstraint(_in_list("control", RUN_CONTROLS), name="control"),
+        CheckConstraint(_in_list("queue", QUEUES), name="queue"),
+    )
+
+
 class Image(Base):
     """One accepted file (or one frame of it) and where it stands in processing."""
 
@@ -116,6 +161,7 @@ class Image(Base):
     columns: Mapped[int | None] = mapped_column(Integer)
     mura_part: Mapped[str | None] = mapped_column(String(32))
     mura_label: Mapped[int | None] = mapped_column(Integer)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"))
     queue: Mapped[str] = mapped_column(String(16), default="live")
     status: Mapped[str] = mapped_column(String(16), default="queued")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -146,6 +192,7 @@ class Image(Base):
         Index("ix_images_study_uid", "study_uid"),
         Index("ix_images_sop_instance_uid", "sop_instance_uid"),
         Index("ix_images_sha256", "sha256"),
+        Index("ix_images_run_id_status", "run_id", "status"),
         CheckConstraint(_in_list("status", STATUSES), name="status"),
         CheckConstraint(_in_list("queue", QUEUES), name="queue"),
     )
@@ -378,3 +425,4 @@ users: Table = User.__table__  # type: ignore[assignment]
 reviews: Table = Review.__table__  # type: ignore[assignment]
 audit_events: Table = AuditEvent.__table__  # type: ignore[assignment]
 deliveries: Table = Delivery.__table__  # type: ignore[assignment]
+runs: Table = Run.__table__  # type: ignore[assignment]

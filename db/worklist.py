@@ -25,6 +25,7 @@ from sqlalchemy import (
 )
 
 from bonewatch.db._sql import check_choice
+from bonewatch.db.records import PREDICTION_OUTCOME_FIELDS, FromAttrs, PredictionOutcome
 from bonewatch.db.schema import (
     LABELS,
     STATUSES,
@@ -371,7 +372,7 @@ def _review_summaries(conn: Any, uids: Sequence[str]) -> dict[str, list[ReviewSu
 
 
 @dataclass(frozen=True)
-class StudyResultView:
+class StudyResultView(FromAttrs):
     """One bundle version's result for a study."""
 
     bundle: str
@@ -384,29 +385,20 @@ class StudyResultView:
     updated_at: datetime
 
 
-@dataclass(frozen=True)
-class PredictionView:
-    """One image's prediction by the chosen bundle version; ``prediction_id`` names its
-    heatmap when ``has_heatmap``."""
+@dataclass(frozen=True, kw_only=True)
+class PredictionView(PredictionOutcome):
+    """One image's prediction by the chosen bundle version (the stages' outcome, as stored);
+    ``prediction_id`` names its heatmap when ``has_heatmap``."""
 
     prediction_id: int
     bundle: str
     bundle_version: str
-    body_part_probs: dict[str, float]
-    body_part: str | None
-    body_part_confidence: float | None
-    body_part_examined: str | None
-    body_part_disagrees: bool
-    p_fracture: float | None
-    label: str | None
-    threshold: float | None
-    fracture_model: str | None
     timings: dict[str, Any]  # milliseconds per step, and the engine's name
     has_heatmap: bool
 
 
 @dataclass(frozen=True)
-class ImageView:
+class ImageView(FromAttrs):
     """One image of a study: its ledger row (no path) and its prediction, if any."""
 
     id: int
@@ -427,7 +419,7 @@ class ImageView:
 
 
 @dataclass(frozen=True)
-class ReviewView:
+class ReviewView(FromAttrs):
     """A review in full, as the study page and the API show it."""
 
     id: int
@@ -459,21 +451,7 @@ class StudyDetail:
 
 def review_view(row: Any) -> ReviewView:
     """A ``reviews`` row as a ReviewView."""
-    return ReviewView(
-        id=row.id,
-        study_uid=row.study_uid,
-        image_id=row.image_id,
-        reviewer=row.reviewer,
-        verdict=row.verdict,
-        label=row.label,
-        part=row.part,
-        comment=row.comment,
-        bundle=row.bundle_name,
-        bundle_version=row.bundle_version,
-        model_label=row.model_label,
-        model_score=row.model_score,
-        created_at=row.created_at,
-    )
+    return ReviewView.from_attrs(row, bundle=row.bundle_name)
 
 
 def study_detail(
@@ -495,16 +473,7 @@ def study_detail(
             select(studies.c.last_received_at).where(studies.c.study_uid == study_uid)
         ).first()
         results = tuple(
-            StudyResultView(
-                bundle=row.bundle_name,
-                bundle_version=row.bundle_version,
-                body_part=row.body_part,
-                n_images=int(row.n_images),
-                mean_p_fracture=row.mean_p_fracture,
-                threshold=row.threshold,
-                label=row.label,
-                updated_at=row.updated_at,
-            )
+            StudyResultView.from_attrs(row, bundle=row.bundle_name, n_images=int(row.n_images))
             for row in conn.execute(
                 select(r)
                 .where(r.c.study_uid == study_uid)
@@ -541,15 +510,8 @@ def study_detail(
                 p.c.id.label("prediction_id"),
                 p.c.bundle_name,
                 p.c.bundle_version,
-                p.c.body_part_probs,
-                p.c.body_part,
-                p.c.body_part_confidence,
-                p.c.body_part_examined.label("p_body_part_examined"),
-                p.c.body_part_disagrees,
-                p.c.p_fracture,
-                p.c.label,
-                p.c.threshold,
-                p.c.fracture_model,
+                # labelled: body_part_examined is an images column too
+                *(p.c[name].label(f"p_{name}") for name in PREDICTION_OUTCOME_FIELDS),
                 p.c.timings,
                 p.c.heatmap_path,
             )
@@ -575,39 +537,20 @@ def study_detail(
 def _image_view(row: Any) -> ImageView:
     prediction = None
     if row.prediction_id is not None:
+        outcome = {name: row._mapping[f"p_{name}"] for name in PREDICTION_OUTCOME_FIELDS}
         prediction = PredictionView(
+            **{
+                **outcome,
+                "body_part_probs": dict(outcome["body_part_probs"] or {}),
+                "body_part_disagrees": bool(outcome["body_part_disagrees"]),
+            },
             prediction_id=int(row.prediction_id),
             bundle=row.bundle_name,
             bundle_version=row.bundle_version,
-            body_part_probs=dict(row.body_part_probs or {}),
-            body_part=row.body_part,
-            body_part_confidence=row.body_part_confidence,
-            body_part_examined=row.p_body_part_examined,
-            body_part_disagrees=bool(row.body_part_disagrees),
-            p_fracture=row.p_fracture,
-            label=row.label,
-            threshold=row.threshold,
-            fracture_model=row.fracture_model,
             timings=dict(row.timings or {}),
             has_heatmap=bool(row.heatmap_path),
         )
-    return ImageView(
-        id=int(row.id),
-        status=row.status,
-        reason=row.reason,
-        error_class=row.error_class,
-        format=row.format,
-        rows=row.rows,
-        columns=row.columns,
-        modality=row.modality,
-        view_position=row.view_position,
-        body_part_examined=row.body_part_examined,
-        series_uid=row.series_uid,
-        sop_instance_uid=row.sop_instance_uid,
-        duplicate_of=row.duplicate_of,
-        created_at=row.created_at,
-        prediction=prediction,
-    )
+    return ImageView.from_attrs(row, id=int(row.id), prediction=prediction)
 
 
 # --- the files behind the image routes ---------------------------------------------------------

@@ -56,7 +56,7 @@ def build_secondary_capture(
         transfer_syntax_uid="1.2.840.10008.1.2.1",
     )
     if not known:
-        sc.PatientOrientation = None
+        sc["PatientOrientation"].value = None
     sc.BurnedInAnnotation = "YES"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.SeriesDescription = f"bonewatch {bundle.name} {bundle.version} heatmaps"
@@ -69,8 +69,13 @@ def build_secondary_capture(
     ref.ReferencedSOPClassUID = image.sop_class_uid
     ref.ReferencedSOPInstanceUID = image.sop_instance_uid
     sc.SourceImageSequence = [ref]
-    if source.get("Laterality"):
-        sc.Laterality = source.Laterality
     if source.get("BodyPartExamined"):
         sc.BodyPartExamined = source.BodyPartExamined
+        # The upper limb is paired: General Series' Laterality (Type 2C) is then required; the
+        # source's, else its image laterality when that says R or L, else empty (unknown).
+        image_side = str(source.get("ImageLaterality") or "")
+        side = source.get("Laterality") or (image_side if image_side in ("R", "L") else None)
+        sc.add_new(0x00200060, "CS", side)  # Laterality
+    elif source.get("Laterality"):
+        sc.Laterality = source.Laterality
     return sc

@@ -110,8 +110,8 @@ def send_dicomweb(
 
     if not destination.url:
         raise ValueError(f"{destination} is not a DICOMweb URL")
-    client = DICOMwebClient(url=destination.url)
-    client._session.request = _with_timeout(client._session.request, timeout)  # type: ignore[method-assign]
+    client = DICOMwebClient(url=destination.url, timeout=timeout)
+    client.set_http_retry_params(retry=False)  # retrying is the outbox's business
     try:
         response = client.store_instances(list(datasets))
     except Exception as exc:  # requests' and dicomweb-client's errors alike
@@ -121,11 +121,3 @@ def send_dicomweb(
         for item in response.get("FailedSOPSequence", [])
     }
     return {str(ds.SOPInstanceUID): failed.get(str(ds.SOPInstanceUID)) for ds in datasets}
-
-
-def _with_timeout(request, timeout: float):  # type: ignore[no-untyped-def]
-    def call(*args, **kwargs):  # type: ignore[no-untyped-def]
-        kwargs.setdefault("timeout", timeout)
-        return request(*args, **kwargs)
-
-    return call

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from bonewatch.deliver import codes as bw
 from bonewatch.deliver.uids import device_uid, object_uids
@@ -29,11 +30,11 @@ def _presence(positive: bool) -> hd.sr.QualitativeEvaluation:
 
 
 def _number(
-    name: object, value: float, algorithm: hd.sr.AlgorithmIdentification
+    name: Code, value: float, algorithm: hd.sr.AlgorithmIdentification
 ) -> hd.sr.Measurement:
     return hd.sr.Measurement(
         name=name, value=round(float(value), 6), unit=bw.NO_UNITS, algorithm_id=algorithm
-    )  # type: ignore[arg-type]
+    )
 
 
 def build_report(study: StudyOutcome, bundle: BundleInfo, sources: Sequence[Dataset]) -> Dataset:

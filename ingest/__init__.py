@@ -41,7 +41,8 @@ from bonewatch.ingest.reader import (
     read_image,
     sha256_file,
 )
-from bonewatch.ingest.types import DecodedImage, ImageMeta
+from bonewatch.ingest.reduced import resize_as_full
+from bonewatch.ingest.types import DecodedImage, ImageMeta, PixelGrid
 from bonewatch.ingest.watcher import (
     InboxWatcher,
     SkipCounts,
@@ -73,6 +74,7 @@ __all__ = [
     "NonImageFileError",
     "NotAnImageError",
     "PathFilter",
+    "PixelGrid",
     "SkipCounts",
     "TruncatedFileError",
     "UnreadableFileError",
@@ -97,6 +99,7 @@ __all__ = [
     "read_header",
     "read_headers",
     "read_image",
+    "resize_as_full",
     "split_member_path",
     "sha256_file",
     "write_dicom",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bz2
 import fnmatch
+import functools
 import gzip
 import hashlib
 import io
@@ -41,7 +42,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, cast
 from urllib.parse import quote
 
 from bonewatch.ingest.errors import (
@@ -123,16 +124,20 @@ def _is_tar_block(block: bytes) -> bool:
     return True
 
 
+def _decompressed(fp: BinaryIO, compression: str) -> gzip.GzipFile | bz2.BZ2File | lzma.LZMAFile:
+    """``fp`` read through the decompressor of ``compression`` (gz, bz2 or xz)."""
+    if compression == "gz":
+        return gzip.GzipFile(fileobj=fp, mode="rb")
+    if compression == "bz2":
+        return bz2.BZ2File(fp, "rb")
+    return lzma.LZMAFile(fp, "rb")
+
+
 def _first_block(fp: BinaryIO, compression: str) -> bytes:
     """The first 512 decompressed bytes of ``fp``; b"" when they cannot be had."""
     fp.seek(0)
-    opener: Callable[[Any], IO[bytes]] = {
-        "gz": lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
-        "bz2": lambda f: bz2.BZ2File(f, "rb"),
-        "xz": lambda f: lzma.LZMAFile(f, "rb"),
-    }[compression]
     try:
-        with opener(fp) as stream:
+        with _decompressed(fp, compression) as stream:
             return stream.read(_TAR_BLOCK)
     except _DECOMPRESS_ERRORS:
         return b""
@@ -370,7 +375,7 @@ def _zip_members(fp: BinaryIO) -> Iterator[Member]:
                 _zip_kind(info),
                 info.file_size,
                 unsafe,
-                lambda info=info: zf.open(info),  # type: ignore[misc]
+                functools.partial(zf.open, info),
             )
 
 
@@ -409,7 +414,7 @@ def _tar_members(fp: BinaryIO, fmt: ArchiveFormat) -> Iterator[Member]:
                 kind,
                 info.size if kind == "file" else 0,
                 unsafe,
-                lambda info=info: _tar_open(tf, info),  # type: ignore[misc]
+                functools.partial(_tar_open, tf, info),
             )
 
 
@@ -499,7 +504,7 @@ def _is_data_error(exc: OSError) -> bool:
     return isinstance(exc, gzip.BadGzipFile) or exc.errno is None
 
 
-def spool_member(member: Member, max_bytes: int) -> tuple[IO[bytes], str, int]:
+def spool_member(member: Member, max_bytes: int) -> tuple[BinaryIO, str, int]:
     """A member's bytes in a temporary spool (memory, or an anonymous file), with their sha256
     and size; the spool is at its start and is the caller's to close.
 
@@ -507,7 +512,8 @@ def spool_member(member: Member, max_bytes: int) -> tuple[IO[bytes], str, int]:
         ImageTooLargeError: The member declares, or inflates to, more than ``max_bytes``.
         CorruptFileError, TruncatedFileError, UnsupportedArchiveError: It cannot be read.
     """
-    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115 - returned
+    # A binary file in all but its declared type (SpooledTemporaryFile is an IO[bytes]).
+    spool = cast(BinaryIO, tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY))  # noqa: SIM115
     try:
         digest, size = _copy_member(member, spool, max_bytes)
         spool.seek(0)
@@ -559,19 +565,31 @@ class _OpenArchive:
                 self._holder = zf = zipfile.ZipFile(self.fp)
                 infos = zf.infolist()
                 _check_zip(zf, infos)
-                for info in infos:
-                    name, unsafe = member_name(info.filename)
-                    if _zip_kind(info) == "file" and not unsafe:
+                for zinfo in infos:
+                    name, unsafe = member_name(zinfo.filename)
+                    if _zip_kind(zinfo) == "file" and not unsafe:
                         index.setdefault(name, []).append(
-                            Member(name, "file", info.file_size, False, lambda i=info: zf.open(i))
+                            Member(
+                                name,
+                                "file",
+                                zinfo.file_size,
+                                False,
+                                functools.partial(zf.open, zinfo),
+                            )
                         )
             else:
                 self._holder = tf = tarfile.open(fileobj=self.fp, mode="r:")
-                for info in tf.getmembers():
-                    name, unsafe = member_name(info.name)
-                    if info.isreg() and not unsafe:
+                for tinfo in tf.getmembers():
+                    name, unsafe = member_name(tinfo.name)
+                    if tinfo.isreg() and not unsafe:
                         index.setdefault(name, []).append(
-                            Member(name, "file", info.size, False, lambda i=info: _tar_open(tf, i))
+                            Member(
+                                name,
+                                "file",
+                                tinfo.size,
+                                False,
+                                functools.partial(_tar_open, tf, tinfo),
+                            )
                         )
             self._index = index
         return self._index

@@ -15,6 +15,7 @@ from typing import Any, BinaryIO, cast
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.multival import MultiValue
@@ -57,6 +58,7 @@ from bonewatch.ingest.errors import (
 )
 from bonewatch.ingest.phi import patient_hash
 from bonewatch.ingest.raster import luminance, reduce_blocks, reduction_factor
+from bonewatch.ingest.types import PixelGrid
 
 logger = logging.getLogger(__name__)
 
@@ -683,6 +685,20 @@ def decode_dicom(
     max_side: int | None = None,
     min_side: int | None = None,
 ) -> np.ndarray:
+    """Decode a single-frame DICOM image to display grey float32 (H, W) in [0, 1]; see
+    :func:`decode_dicom_on_grid`, which also says where reduced pixels lie."""
+    return decode_dicom_on_grid(
+        data, max_inflated=max_inflated, max_side=max_side, min_side=min_side
+    )[0]
+
+
+def decode_dicom_on_grid(
+    data: bytes,
+    *,
+    max_inflated: int = _MAX_INFLATED,
+    max_side: int | None = None,
+    min_side: int | None = None,
+) -> tuple[np.ndarray, PixelGrid | None]:
     """Decode a single-frame DICOM image to display grey float32 (H, W) in [0, 1].
 
     An object of more than one frame is refused: bonewatch reads single-frame radiographs, and
@@ -694,6 +710,11 @@ def decode_dicom(
         max_inflated: Most bytes a deflated dataset may inflate to.
         max_side: A longer image has its stored values averaged down by a whole factor right
             after decoding, before any float array of full size exists; None keeps every pixel.
+        min_side: JPEG 2000 and 8-bit JPEG decode at the smallest scale still covering this
+            (ingest/reduced.py); None decodes in full.
+
+    Returns:
+        The pixels, and their :class:`PixelGrid` when they were decoded reduced (else None).
 
     Raises:
         NoPixelDataError: The object has no image (SR, presentation state, ...).
@@ -774,28 +795,49 @@ def _decode_first_frame(ds: Dataset) -> np.ndarray:
         ) from exc
 
 
+def _reduced_frame(ds: Dataset, min_side: int | None) -> tuple[np.ndarray, PixelGrid] | None:
+    """The first frame of a grey, unsigned JPEG 2000 or JPEG dataset decoded at the smallest
+    scale covering ``min_side`` (ingest/reduced.py); None: decode it in full."""
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if not min_side or syntax not in reduced.J2K_SYNTAXES | reduced.JPEG_DCT_SYNTAXES:
+        return None
+    if int(ds.get("SamplesPerPixel") or 1) != 1 or int(ds.get("PixelRepresentation") or 0):
+        return None  # colour or signed values: the full decoders handle those
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        bits_stored = int(ds.get("BitsStored") or ds.BitsAllocated)
+    except Exception:  # noqa: BLE001 - the full decode reports what is wrong with the file
+        return None
+    return reduced.decode_frame(frame, syntax, rows, columns, bits_stored, min_side)
+
+
 def _render_grey(
     ds: Dataset, max_side: int | None = None, min_side: int | None = None
-) -> np.ndarray:
+) -> tuple[np.ndarray, PixelGrid | None]:
     # JPEG 2000 and 8-bit JPEG at the smallest scale covering min_side (ingest/reduced.py).
-    arr = reduced.dicom_frame_reduced(ds, min_side)
-    if arr is None:
+    grid: PixelGrid | None = None
+    found = _reduced_frame(ds, min_side)
+    if found is None:
         arr = _decode_first_frame(ds)
+    else:
+        arr, grid = found
     factor = reduction_factor(arr.shape[0], arr.shape[1], max_side)
+    grid = reduced.with_blocks(grid, factor)
     photometric = str(ds.PhotometricInterpretation).strip().upper()
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         if arr.ndim != 2:
             raise CorruptFileError(f"{photometric} pixel data has shape {arr.shape}, not (H, W)")
-        return _render_monochrome(arr, ds, photometric, factor).astype(np.float32)
+        return _render_monochrome(arr, ds, photometric, factor).astype(np.float32), grid
     if photometric == "PALETTE COLOR":
         # Palette indices are labels, not values: average the colours they stand for.
         rgb = reduce_blocks(apply_color_lut(arr, _palette_in_native_order(ds)), factor)
         depth = int(ds.RedPaletteColorLookupTableDescriptor[2])
-        return luminance(rgb, float(2**depth - 1)).astype(np.float32)
+        return luminance(rgb, float(2**depth - 1)).astype(np.float32), grid
     if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"):
         # pixel_array converts YBR to RGB by default, and J2K codecs undo ICT/RCT themselves.
         max_value = float(2 ** int(ds.get("BitsStored") or ds.BitsAllocated) - 1)
-        return luminance(reduce_blocks(arr, factor), max_value).astype(np.float32)
+        return luminance(reduce_blocks(arr, factor), max_value).astype(np.float32), grid
     raise UnsupportedPixelFormatError(f"photometric interpretation {photometric} is not supported")
 
 

@@ -5,7 +5,8 @@ wrong with a file to the ingest error family, except genuine I/O faults (EIO on 
 went away), which stay ``OSError`` so the caller retries.
 
 Files come from an untrusted inbox: each is opened once, never through a symlink, and only a
-regular file is read (checked on the open handle); everything after comes from that handle.
+regular file with a single link is read (checked on the open handle: a hard link can make a file
+from outside the inbox appear in it); everything after comes from that handle.
 Reasons say what is wrong without the file's bytes or its path (the ledger keeps the path
 beside the reason).
 """
@@ -126,7 +127,8 @@ def _open_regular(path: Path, file_id: FileId | None) -> tuple[io.FileIO, os.sta
     """Open ``path`` and check the handle: a regular file, and the one the caller saw if known.
 
     Raises:
-        UnreadableFileError: A symlink, directory, FIFO, socket or device.
+        UnreadableFileError: A symlink, directory, FIFO, socket or device, or a regular file
+            with more than one hard link.
         FileChangedError: ``file_id`` is given and another file now has the name.
     """
     raw = _open_raw(path)
@@ -137,6 +139,14 @@ def _open_regular(path: Path, file_id: FileId | None) -> tuple[io.FileIO, os.sta
         if not stat.S_ISREG(st.st_mode):
             # A FIFO or device would block or stream forever; O_NONBLOCK got us this far.
             raise UnreadableFileError("not a regular file")
+        if st.st_nlink > 1:
+            # A hard link shares its inode with a name elsewhere, perhaps outside the inbox
+            # (another patient's image, a file no one meant to send): O_NOFOLLOW cannot tell.
+            raise UnreadableFileError(
+                f"the file has {st.st_nlink} hard links, so its bytes may belong to a file "
+                "outside the inbox; bonewatch reads only files with one link: copy it in "
+                "rather than linking it"
+            )
         if file_id is not None and (st.st_dev, st.st_ino) != tuple(file_id):
             raise FileChangedError(
                 "another file has taken this name since it was seen; the new one is read "
@@ -460,12 +470,13 @@ def read_image(
             that fits it (averaging blocks of pixels) while it is decoded; None keeps every
             pixel. Images within it decode exactly as without it.
         min_side: JPEG 2000 and JPEG are decoded at the smallest resolution level or DCT
-            scale whose long side still covers this (the largest model input); None decodes
-            in full. A reduction that fails falls back to full decoding (logged once).
+            scale whose long side still covers twice this (the largest model input); None
+            decodes in full. A reduction that fails falls back to full decoding (logged once).
 
     Returns:
         ``DecodedImage`` with float32 (H, W) pixels in [0, 1], 1 = bright (bone); ``meta.rows``
-        and ``meta.columns`` stay those of the header when the pixels were reduced.
+        and ``meta.columns`` stay those of the header when the pixels were reduced, and
+        ``grid`` says where the reduced pixels lie (preprocessing resizes through it).
 
     Raises:
         IngestError: A subclass saying why the file cannot be used; ``FileChangedError`` when
@@ -495,18 +506,18 @@ def read_image(
     fields = _header_fields(stream, fmt, salt, max_bytes)
     _check_pixels(fields["rows"], fields["columns"], max_pixels)
     meta = _build_meta(os.fspath(path), digest, len(data), fields, salt)
+    grid = None
     if fmt == "dicom":
-        pixels = dicom.decode_dicom(
+        pixels, grid = dicom.decode_dicom_on_grid(
             data, max_inflated=max_bytes, max_side=max_side, min_side=min_side
         )
     else:
         reduced_jpeg = reduced.jpeg_file_reduced(data, min_side) if fmt == "jpeg" else None
-        pixels = (
-            raster.decode_raster(data, fmt, max_side=max_side)
-            if reduced_jpeg is None
-            else reduced_jpeg
-        )
-    return DecodedImage(pixels=pixels, meta=meta)
+        if reduced_jpeg is None:
+            pixels = raster.decode_raster(data, fmt, max_side=max_side)
+        else:
+            pixels, grid = reduced_jpeg
+    return DecodedImage(pixels=pixels, meta=meta, grid=grid)
 
 
 def _base_name(path: str | Path) -> str:

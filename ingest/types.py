@@ -42,8 +42,30 @@ class ImageMeta:
 
 
 @dataclass(frozen=True)
+class PixelGrid:
+    """Where pixels decoded at a reduced resolution sit on the image's full pixel grid.
+
+    ``stages`` are the reductions in the order they were made: ``("j2k-5-3", levels)`` or
+    ``("j2k-9-7", levels)`` for JPEG 2000 resolution levels dropped (reversible or irreversible
+    wavelet), ``("dct", factor)`` for a JPEG decoded with a scaled inverse DCT, ``("blocks",
+    factor)`` for block means. :func:`bonewatch.ingest.resize_as_full` uses them to resize the
+    reduced pixels as the full image would have been resized.
+    """
+
+    rows: int
+    columns: int
+    stages: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
 class DecodedImage:
-    """Display-ready grey pixels: float32, shape (H, W), values in [0, 1], 1 = bright (bone)."""
+    """Display-ready grey pixels: float32, shape (H, W), values in [0, 1], 1 = bright (bone).
+
+    ``grid`` is None for pixels of the full image (or a copy averaged down to fit a size);
+    set, the pixels were decoded at a reduced resolution (ingest/reduced.py) and preprocessing
+    resizes them through it, so a model sees what it would see from the full decode.
+    """
 
     pixels: np.ndarray
     meta: ImageMeta
+    grid: PixelGrid | None = None

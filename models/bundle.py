@@ -38,6 +38,7 @@ from bonewatch.models.engines import (
     onnxruntime_available,
     openvino_available,
 )
+from bonewatch.models.extras import MissingExtra, require_train, train_available
 from bonewatch.models.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,21 @@ class BundleError(Exception):
     """A bundle folder that cannot be used: missing files, bad manifest, wrong checksum."""
 
 
+class CamOutput(BaseModel):
+    """A fracture model's second ONNX output: its class activation map for the fracture logit.
+
+    The last feature map (``layer``) weighted by the head's weights for the logit, summed over
+    channels, before any ReLU: for a global-pooling -> Dense head, Grad-CAM of the logit up to a
+    positive factor (:mod:`models.gradcam`).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    output: str = Field(description="the ONNX output's name")
+    layer: str = Field(description="the Keras layer whose feature map it weighs")
+    max_abs_diff: float = Field(ge=0.0, description="largest |keras - onnx| of the map at export")
+
+
 class OnnxExport(BaseModel):
     """The ONNX export of one model, written by ``bonewatch bundle export-onnx``."""
 
@@ -60,6 +76,7 @@ class OnnxExport(BaseModel):
     sha256: str
     opset: int
     max_abs_diff: float = Field(ge=0.0, description="largest |keras - onnx| seen at export")
+    cam: CamOutput | None = None
 
 
 class Int8Model(BaseModel):
@@ -240,6 +257,7 @@ def _checked_file(bundle_dir: Path, name: str, sha256: str, what: str) -> Path:
 def load_keras_model(bundle_dir: Path, entry: ModelEntry) -> Any:
     """The Keras model of one manifest entry, after checking its weights file's sha256."""
     weights = _checked_file(bundle_dir, entry.weights, entry.sha256, "weights file")
+    require_train("loading a Keras model")
     import_tensorflow()  # the Keras backend, without its start-up lines
     import keras  # only models/ imports keras, and only when a bundle is loaded
 
@@ -294,9 +312,18 @@ def resolve_engine(manifest: Manifest, requested: str = AUTO) -> str:
     Raises:
         BundleError: ``onnx`` was asked for and the bundle or the environment cannot provide it,
             or the engine name is unknown.
+        MissingExtra: the choice is Keras and TensorFlow is not installed (``[train]``).
     """
     if requested == AUTO:
-        return "onnx" if manifest.has_onnx() and onnxruntime_available() else "keras"
+        if manifest.has_onnx() and onnxruntime_available():
+            return "onnx"
+        if not train_available():
+            raise MissingExtra(
+                f"bundle {manifest.name} {manifest.version} has no ONNX models; serving it"
+            )
+        return "keras"
+    if requested == "keras":
+        require_train("the keras engine")
     if requested not in ENGINES:
         raise BundleError(f"unknown engine {requested!r}; choose one of {(AUTO, *ENGINES)}")
     if requested == "onnx":
@@ -381,19 +408,56 @@ def check_parity(
     return worst
 
 
+def int8_slack(recorded: float) -> float:
+    """How far this machine's int8 kernels may stray from fp32 on parity inputs, given the gap
+    ``bundle quantize`` recorded: twice it, plus 0.01 for a different CPU's rounding."""
+    return 2.0 * recorded + 0.01
+
+
+def check_int8(
+    bundle_dir: Path, manifest: Manifest, predictors: dict[str, Predictor]
+) -> tuple[float, str | None]:
+    """Largest |delta p| of the int8 ``predictors`` against the fp32 models on parity inputs,
+    and the first role over :func:`int8_slack` of its recorded gap (None when all are within).
+
+    Int8 kernels are not the same on every CPU: without VNNI, x86 integer dot products can
+    saturate, and a model quantized on one machine may then be far off on another. The record
+    of the quantizing machine is the reference, so such a CPU is found before it serves.
+    """
+    from bonewatch.models.onnx_export import max_output_difference, parity_inputs
+
+    worst, over = 0.0, None
+    for role, entry in manifest.models().items():
+        assert entry.int8 is not None  # resolve_precision has ruled this out
+        x = parity_inputs(entry.spec)
+        ref = OnnxPredictor(onnx_file(bundle_dir, entry, "fp32"), InferenceThreads())(x)
+        gap = max_output_difference(predictors[role](x), ref)
+        worst = max(worst, gap)
+        limit = int8_slack(entry.int8.max_abs_diff)
+        if gap > limit and over is None:
+            over = (
+                f"{role} in int8 on {predictors[role].engine} differs from fp32 by {gap:.3f} on "
+                f"this CPU, against {entry.int8.max_abs_diff:.3f} when it was quantized "
+                f"(limit {limit:.3f})"
+            )
+    return worst, over
+
+
 def servable_engines(manifest: Manifest) -> list[str]:
     """The engines this environment can serve the bundle with, in :data:`ENGINES` order."""
     names = []
     for name in ENGINES[:2]:  # OpenVINO is measured by bench with --engines
         try:
             resolve_engine(manifest, name)
-        except BundleError:
+        except (BundleError, MissingExtra):
             continue
         names.append(name)
     return names
 
 
 _cache: dict[tuple[Path, str, str], Bundle] = {}
+# (bundle, engine) pairs whose int8 models failed check_int8 on this CPU: auto serves fp32.
+_int8_refused: set[tuple[Path, str]] = set()
 _cache_lock = threading.Lock()
 
 
@@ -439,6 +503,8 @@ def load_bundle(
         manifest = read_manifest(root)
         chosen = resolve_engine(manifest, engine)
         numeric = resolve_precision(manifest, chosen, precision)
+        if numeric == "int8" and precision == AUTO and (root, chosen) in _int8_refused:
+            numeric = "fp32"  # this CPU's int8 kernels failed their check once already
         cached = _cache.get((root, chosen, numeric))
         if cached is not None:
             return cached
@@ -446,14 +512,23 @@ def load_bundle(
             threads = threads.for_engine(chosen)
         if chosen in ONNX_ENGINES:
             onnx_threads = threads or InferenceThreads()
-            stage1 = _load_onnx(root, manifest.body_part, onnx_threads, chosen, numeric)
-            fracture = {
-                part: _load_onnx(root, manifest.fracture[part], onnx_threads, chosen, numeric)
-                for part in manifest.parts()
-            }
-            if chosen == "openvino":
-                roles = {"body_part": stage1}
-                roles.update({f"fracture_{p.lower()}": m for p, m in fracture.items()})
+            stage1, fracture = _load_onnx_roles(root, manifest, onnx_threads, chosen, numeric)
+            roles = {"body_part": stage1}
+            roles.update({f"fracture_{p.lower()}": m for p, m in fracture.items()})
+            if numeric == "int8":
+                gap, over = check_int8(root, manifest, roles)
+                if over is not None:
+                    _int8_refused.add((root, chosen))
+                    if precision != AUTO:
+                        raise BundleError(f"{over}; not served (BONEWATCH_PRECISION=fp32 is)")
+                    log.warning("%s; serving fp32 instead", over)
+                    numeric = "fp32"
+                    stage1, fracture = _load_onnx_roles(
+                        root, manifest, onnx_threads, chosen, numeric
+                    )
+                else:
+                    log.info("%s int8 against fp32 on this CPU: max |dp| %.1e", chosen, gap)
+            elif chosen == "openvino":
                 gap = check_parity(root, manifest, roles, numeric)
                 log.info("openvino %s parity against ONNX Runtime: max |dp| %.1e", numeric, gap)
         else:
@@ -477,12 +552,25 @@ def load_bundle(
         return bundle
 
 
+def _load_onnx_roles(
+    root: Path, manifest: Manifest, threads: InferenceThreads, engine: str, precision: str
+) -> tuple[Predictor, dict[str, Predictor]]:
+    """Stage 1 and every fracture model of ``manifest`` on an ONNX engine."""
+    stage1 = _load_onnx(root, manifest.body_part, threads, engine, precision)
+    fracture = {
+        part: _load_onnx(root, manifest.fracture[part], threads, engine, precision)
+        for part in manifest.parts()
+    }
+    return stage1, fracture
+
+
 def forget_bundle(bundle_dir: str | Path) -> None:
     """Drop a cached bundle (every engine) so the next :func:`load_bundle` reads it again."""
     root = Path(bundle_dir).resolve()
     with _cache_lock:
         for key in [k for k in _cache if k[0] == root]:
             del _cache[key]
+        _int8_refused.difference_update({k for k in _int8_refused if k[0] == root})
 
 
 def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> Manifest:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bonewatch.ingest import DecodedImage, body_part_hint
+from bonewatch.ingest import DecodedImage, PixelGrid, body_part_hint
 from bonewatch.models.bundle import OTHER, Bundle, Predictor
 from bonewatch.models.preprocess import PreprocessSpec, preprocess, preprocess_batch
 
@@ -88,9 +88,11 @@ class Preprocessed:
         )
 
 
-def prepare_inputs(pixels: np.ndarray, specs: Sequence[PreprocessSpec]) -> list[np.ndarray]:
-    """One image's model inputs for each of ``specs``."""
-    return [preprocess(pixels, spec) for spec in specs]
+def prepare_inputs(
+    pixels: np.ndarray, specs: Sequence[PreprocessSpec], grid: PixelGrid | None = None
+) -> list[np.ndarray]:
+    """One image's model inputs for each of ``specs`` (``grid``: ``DecodedImage.grid``)."""
+    return [preprocess(pixels, spec, grid) for spec in specs]
 
 
 class _Tensors:
@@ -98,6 +100,7 @@ class _Tensors:
 
     def __init__(self, images: Sequence[DecodedImage], ready: Preprocessed | None = None) -> None:
         self._pixels = [im.pixels for im in images]
+        self._grids = [im.grid for im in images]
         self._by_spec: dict[PreprocessSpec, np.ndarray] = {}
         self.seconds = 0.0
         if ready is not None:
@@ -109,7 +112,7 @@ class _Tensors:
     def get(self, spec: PreprocessSpec, index: Sequence[int] | None = None) -> np.ndarray:
         if spec not in self._by_spec:
             t0 = time.perf_counter()
-            self._by_spec[spec] = preprocess_batch(self._pixels, spec)
+            self._by_spec[spec] = preprocess_batch(self._pixels, spec, self._grids)
             self.seconds += time.perf_counter() - t0
         x = self._by_spec[spec]
         return x if index is None else x[list(index)]

@@ -8,6 +8,15 @@ is differentiated, so a saturated sigmoid still gives a map. The map is then bro
 original image's pixel grid by undoing :func:`models.preprocess.fit_square` (upsample to the
 model input, cut away the padding, resize to the image), so the peak is a pixel of the image.
 
+Two ways to the map, the same map:
+
+- ``keras``: the gradient, by TensorFlow, on the bundle's Keras model (the ``[train]`` extra).
+- ``onnx``: the ONNX export's second output (``bonewatch bundle export-onnx`` adds it where the
+  head is global pooling -> Dense): the feature map weighted by the head's weights for the logit.
+  Behind global average or max pooling the mean gradient of the logit over each channel's map is
+  that channel's head weight divided by h * w, so after the ReLU and the scaling to [0, 1] this
+  is Grad-CAM exactly. It needs ONNX Runtime only: the serving install's heatmaps.
+
 Also here: measuring how often the peak falls inside a phantom's fracture box.
 """
 
@@ -27,9 +36,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from bonewatch.ingest import DecodedImage, IngestError, read_image
-from bonewatch.models.bundle import Bundle, load_keras_model
+from bonewatch.models.bundle import Bundle, BundleError, load_keras_model, onnx_file
 from bonewatch.models.cascade import run_cascade
 from bonewatch.models.datasets import Sample
+from bonewatch.models.engines import InferenceThreads, OnnxPredictor, onnxruntime_available
+from bonewatch.models.extras import MissingExtra, require_train, train_available
 from bonewatch.models.preprocess import preprocess_batch
 
 log = logging.getLogger(__name__)
@@ -37,6 +48,8 @@ log = logging.getLogger(__name__)
 Box = tuple[int, int, int, int]
 # Phantom boxes are tight around the break; the localisation test allows 10 % more width and height.
 BOX_ENLARGEMENT = 0.10
+# Where a heatmap comes from: "auto" (see heatmap_method), the ONNX graph, or Keras's gradient.
+HEATMAP_METHODS = ("auto", "onnx", "keras")
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,7 @@ class Explanation:
         heatmap: float32 (H, W) in [0, 1] on the original image's pixel grid.
         peak_xy: ``(x, y)`` of the heatmap's maximum, in original image pixels.
         layer: The model layer the map was taken at.
+        method: ``onnx`` (the export's class activation output) or ``keras`` (the gradient).
     """
 
     part: str
@@ -56,6 +70,7 @@ class Explanation:
     heatmap: np.ndarray
     peak_xy: tuple[int, int]
     layer: str
+    method: str = "keras"
 
 
 def cam_layer(model: Any) -> str:
@@ -132,6 +147,102 @@ def fracture_keras_model(bundle: Bundle, part: str) -> Any:
         return _keras_models[key]
 
 
+class _OnnxCam:
+    """An ONNX fracture model's probabilities and class activation output, in one run."""
+
+    def __init__(self, session: Any, output: str, layer: str) -> None:
+        self._session = session
+        self._input = session.get_inputs()[0].name
+        self._outputs = [session.get_outputs()[0].name, output]
+        self.layer = layer
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        batch = np.ascontiguousarray(x, dtype=np.float32)
+        probs, maps = self._session.run(self._outputs, {self._input: batch})
+        cams = np.maximum(np.asarray(maps, np.float32).reshape(np.shape(maps)[:3]), 0.0)
+        return cams, np.asarray(probs, np.float64)[:, -1]
+
+
+_onnx_cams: dict[tuple[Path, str, str], _OnnxCam] = {}
+_onnx_lock = threading.Lock()
+
+
+def has_onnx_cam(bundle: Bundle, parts: Sequence[str]) -> bool:
+    """Whether the ONNX exports of these parts' fracture models carry a class activation output."""
+    for part in parts:
+        export = bundle.manifest.fracture[part].onnx
+        if export is None or export.cam is None:
+            return False
+    return True
+
+
+def heatmap_method(bundle: Bundle, parts: Sequence[str], requested: str = "auto") -> str:
+    """Where the heatmaps of these parts come from: ``onnx`` or ``keras``.
+
+    ``auto`` keeps Keras when the bundle is served by Keras (the model that scored is the one
+    explained), else takes the ONNX graph's class activation output when every part has one,
+    else Keras if TensorFlow is installed.
+
+    Raises:
+        ValueError: ``requested`` is not one of :data:`HEATMAP_METHODS`.
+        BundleError: ``onnx`` was asked for and an export has no class activation output.
+        MissingExtra: Keras is needed (asked for, or nothing else can) and not installed.
+    """
+    if requested not in HEATMAP_METHODS:
+        raise ValueError(f"unknown heatmap method {requested!r}; choose one of {HEATMAP_METHODS}")
+    cam = has_onnx_cam(bundle, parts) and onnxruntime_available()
+    if requested == "onnx" or (requested == "auto" and bundle.engine != "keras" and cam):
+        if not cam:
+            raise BundleError(
+                f"the ONNX models of bundle {bundle.name} {bundle.version} have no class "
+                "activation output; add it with `bonewatch bundle export-onnx`"
+            )
+        return "onnx"
+    if requested == "keras":
+        require_train("Keras Grad-CAM")
+    elif not train_available():
+        raise MissingExtra(
+            f"heatmaps of bundle {bundle.name} {bundle.version} (its ONNX models have no class "
+            "activation output)"
+        )
+    return "keras"
+
+
+def _onnx_cam(bundle: Bundle, part: str) -> _OnnxCam:
+    """The part's fp32 ONNX model with its class activation output: the session that serves
+    the bundle when it is served by ONNX Runtime in fp32, else one opened once for heatmaps."""
+    entry = bundle.manifest.fracture[part]
+    export = entry.onnx
+    if export is None or export.cam is None:  # heatmap_method has ruled this out
+        raise BundleError(f"the {part} fracture model has no class activation output")
+    key = (bundle.path, part, export.sha256)
+    with _onnx_lock:
+        if key not in _onnx_cams:
+            served = bundle.fracture_models[part]
+            if isinstance(served, OnnxPredictor) and bundle.precision == "fp32":
+                session = served.session
+            else:
+                session = OnnxPredictor(
+                    onnx_file(bundle.path, entry, "fp32"), InferenceThreads()
+                ).session
+            _onnx_cams[key] = _OnnxCam(session, export.cam.output, export.cam.layer)
+        return _onnx_cams[key]
+
+
+def _scaled(cams: np.ndarray) -> np.ndarray:
+    peak = cams.reshape(len(cams), -1).max(axis=1) if len(cams) else np.zeros(0, np.float32)
+    scale = np.where(peak > 0, peak, 1.0)
+    return cams / scale[:, None, None]
+
+
+def onnx_cam_batch(bundle: Bundle, part: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """Class activation maps of a batch from the part's ONNX model, as :func:`gradcam_batch`
+    returns them: ``(cams, p_fracture, layer)``, the maps scaled to [0, 1]."""
+    cam = _onnx_cam(bundle, part)
+    cams, probs = cam(x)
+    return _scaled(cams), probs, cam.layer
+
+
 def gradcam_batch(
     model: Any, x: np.ndarray, *, layer: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, str]:
@@ -148,9 +259,7 @@ def gradcam_batch(
     """
     cam_model = _cam_model(model, layer)
     cams, probs = cam_model(x)
-    peak = cams.reshape(len(cams), -1).max(axis=1)
-    scale = np.where(peak > 0, peak, 1.0)
-    return cams / scale[:, None, None], probs, cam_model.layer
+    return _scaled(cams), probs, cam_model.layer
 
 
 def content_box(shape: tuple[int, int], size: int) -> tuple[int, int, int, int]:
@@ -184,6 +293,7 @@ def explain_images(
     *,
     layer: str | None = None,
     batch_size: int = 16,
+    method: str = "auto",
 ) -> list[Explanation]:
     """Grad-CAM of each image under the fracture model of its part, in batches per part.
 
@@ -191,6 +301,9 @@ def explain_images(
         images: Grey pixels (H, W) in [0, 1], as decoded.
         parts: For each image, the body part whose fracture model to explain.
         bundle: The loaded bundle.
+        layer: A Keras layer to explain (the ``keras`` method only); the last spatial one when
+            None.
+        method: ``auto``, ``onnx`` or ``keras`` (see :func:`heatmap_method`).
 
     Returns:
         One :class:`Explanation` per image, in input order.
@@ -200,6 +313,9 @@ def explain_images(
     unknown = sorted(set(parts) - set(bundle.fracture_models))
     if unknown:
         raise ValueError(f"the bundle has no fracture model for {unknown}")
+    if not images:
+        return []
+    chosen = "keras" if layer is not None else heatmap_method(bundle, sorted(set(parts)), method)
     out: list[Explanation | None] = [None] * len(images)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, part in enumerate(parts):
@@ -209,11 +325,14 @@ def explain_images(
         for start in range(0, len(index), batch_size):
             chunk = index[start : start + batch_size]
             x = preprocess_batch([images[i] for i in chunk], spec)
-            model = fracture_keras_model(bundle, part)
-            cams, probs, used = gradcam_batch(model, x, layer=layer)
+            if chosen == "onnx":
+                cams, probs, used = onnx_cam_batch(bundle, part, x)
+            else:
+                model = fracture_keras_model(bundle, part)
+                cams, probs, used = gradcam_batch(model, x, layer=layer)
             for i, cam, p in zip(chunk, cams, probs, strict=True):
                 heatmap = cam_to_image(cam, images[i].shape, spec.input_size)
-                out[i] = Explanation(part, float(p), heatmap, _peak(heatmap), used)
+                out[i] = Explanation(part, float(p), heatmap, _peak(heatmap), used, chosen)
     return [e for e in out if e is not None]
 
 
@@ -313,9 +432,12 @@ def measure_localisation(
     batch_size: int = 32,
     enlarge: float = BOX_ENLARGEMENT,
     on_batch: Callable[[int], None] | None = None,
+    method: str = "auto",
 ) -> Localisation:
     """Explain every image that has a fracture box under the part the cascade chose for it, and
     count the images whose heatmap peak lies inside one of its boxes (enlarged by ``enlarge``).
+
+    ``method`` is where the heatmaps come from (:func:`heatmap_method`).
     """
     boxed = [s for s in samples if s.path.resolve() in boxes]
     result = Localisation(enlarge=enlarge)
@@ -333,7 +455,10 @@ def measure_localisation(
         preds = run_cascade(decoded, bundle, batch_size=batch_size)
         served = [i for i, p in enumerate(preds) if p.p_fracture is not None]
         explanations = explain_images(
-            [decoded[i].pixels for i in served], [preds[i].body_part for i in served], bundle
+            [decoded[i].pixels for i in served],
+            [preds[i].body_part for i in served],
+            bundle,
+            method=method,
         )
         hit_of = {
             i: any(peak_in_box(e.peak_xy, b, enlarge) for b in boxes[kept[i].path.resolve()])

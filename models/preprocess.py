@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bonewatch.ingest import PixelGrid, resize_as_full
+
 # ImageNet statistics, used by backbones initialised from ImageNet weights (as in the MURA paper).
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -57,15 +59,18 @@ class PreprocessSpec:
         )
 
 
-def fit_square(pixels: np.ndarray, size: int) -> np.ndarray:
+def fit_square(pixels: np.ndarray, size: int, grid: PixelGrid | None = None) -> np.ndarray:
     """Resize so the long side is ``size`` (aspect kept), then centre on a black square.
 
     Resizing before padding keeps memory bounded by the image itself, whatever its shape.
+    Pixels decoded at a reduced resolution (``grid``) are resized as the full image would be.
     """
-    h, w = pixels.shape
+    h, w = pixels.shape if grid is None else (grid.rows, grid.columns)
     scale = size / max(h, w)
     new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    if (new_h, new_w) != (h, w):
+    if grid is not None:
+        pixels = resize_as_full(pixels, grid, new_h, new_w)
+    elif (new_h, new_w) != (h, w):
         img = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
         pixels = np.array(img.resize((new_w, new_h), Image.Resampling.BILINEAR), np.float32)
     canvas = np.zeros((size, size), dtype=np.float32)
@@ -74,15 +79,19 @@ def fit_square(pixels: np.ndarray, size: int) -> np.ndarray:
     return canvas
 
 
-def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+def preprocess(
+    pixels: np.ndarray, spec: PreprocessSpec, grid: PixelGrid | None = None
+) -> np.ndarray:
     """Turn grey pixels (H, W) in [0, 1] into one model input of shape (S, S, C).
+
+    ``grid``: where pixels decoded at a reduced resolution lie (``DecodedImage.grid``).
 
     Returns:
         float32 array of shape ``(spec.input_size, spec.input_size, spec.channels)``.
     """
     if pixels.ndim != 2:
         raise ValueError(f"expected grey pixels of shape (H, W), got {pixels.shape}")
-    x = fit_square(pixels.astype(np.float32, copy=False), spec.input_size)
+    x = fit_square(pixels.astype(np.float32, copy=False), spec.input_size, grid)
     np.clip(x, 0.0, 1.0, out=x)
     x = np.repeat(x[:, :, None], spec.channels, axis=2)
     if spec.normalization == "imagenet":
@@ -92,9 +101,14 @@ def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return x.astype(np.float32, copy=False)
 
 
-def preprocess_batch(images: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
-    """Preprocess several grey images into one (N, S, S, C) batch."""
+def preprocess_batch(
+    images: Sequence[np.ndarray],
+    spec: PreprocessSpec,
+    grids: Sequence[PixelGrid | None] | None = None,
+) -> np.ndarray:
+    """Preprocess several grey images (with their grids, if reduced) into one (N, S, S, C)
+    batch."""
     out = np.empty((len(images), spec.input_size, spec.input_size, spec.channels), np.float32)
     for i, pixels in enumerate(images):
-        out[i] = preprocess(pixels, spec)
+        out[i] = preprocess(pixels, spec, grids[i] if grids is not None else None)
     return out

@@ -67,6 +67,8 @@ def render_original(source: ImageSource, config: WebConfig, size: int) -> bytes:
             max_bytes=config.max_file_bytes,
             sha256=source.sha256,
             max_side=max(2 * size, 1024),
+            # JPEG 2000 and JPEG decode no finer than twice the picture's size.
+            min_side=size,
         )
     except OSError as exc:
         reason = exc.strerror or "I/O error"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, is_dataclass, replace
+from dataclasses import asdict, is_dataclass
 from datetime import date, datetime
 from typing import Any
 
@@ -63,20 +63,51 @@ def viewed_study(
     return detail
 
 
-def save_review(ctx: AppContext, request: Request, user: WebUser, review: NewReview) -> ReviewView:
-    """Record ``review`` (by ``user``, with the client's address in the audit trail).
+def save_review(
+    ctx: AppContext,
+    request: Request,
+    user: WebUser,
+    study_uid: str,
+    *,
+    verdict: str,
+    bundle_name: str | None = None,
+    bundle_version: str | None = None,
+    label: str | None = None,
+    part: str | None = None,
+    comment: str | None = None,
+    image_id: int | None = None,
+) -> ReviewView:
+    """Record ``user``'s verdict on a study's result (with the client's address in the audit
+    trail): the result of ``bundle_name``/``bundle_version``, or where either is None, the
+    study's latest.
 
     Raises:
-        HTTPException: 409 when the study has no such result to review, 422 for a value the
+        HTTPException: 404 when the ledger knows no such study (looked up for its latest
+            result), 409 when the study has no such result to review, 422 for a value the
             ledger refuses (a verdict, label or part out of its choices, a label against the
             verdict).
     """
+    if bundle_name is None or bundle_version is None:
+        detail = study_detail(ctx.engine, study_uid)
+        if detail is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such study")
+        if detail.result is None:
+            raise HTTPException(status.HTTP_409_CONFLICT, "the study has no result to review")
+        bundle_name, bundle_version = detail.result.bundle, detail.result.bundle_version
+    review = NewReview(
+        study_uid=study_uid,
+        reviewer=user.username,
+        user_id=user.id,
+        verdict=verdict,
+        label=label,
+        part=part,
+        comment=comment,
+        image_id=image_id,
+        bundle_name=bundle_name,
+        bundle_version=bundle_version,
+    )
     try:
-        return record_review(
-            ctx.engine,
-            replace(review, user_id=user.id, reviewer=user.username),
-            client=client_address(request),
-        )
+        return record_review(ctx.engine, review, client=client_address(request))
     except NoResultError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     except ValueError as exc:

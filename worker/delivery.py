@@ -7,18 +7,22 @@ the values (and the heatmap pictures, with Grad-CAM), and records each attempt i
 from __future__ import annotations
 
 import logging
+import os
 import random
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from pydicom.dataset import Dataset
 from sqlalchemy import Engine
 
 from bonewatch.db import deliveries as outbox
 from bonewatch.db import mark_stable_studies
+from bonewatch.db.schema import utcnow
 from bonewatch.deliver import (
     BundleInfo,
     DeliveryError,
@@ -69,29 +73,44 @@ def enqueue_studies(
     targets: Sequence[Destination],
     *,
     study_uids: Sequence[str] | None = None,
+    all_images: bool = False,
 ) -> int:
     """Outbox rows for every complete study not enqueued yet: its SR and a Secondary Capture per
-    positive image, for each destination. Returns the rows added."""
+    positive image (per image with ``all_images``, for the studies already enqueued too), for
+    each destination. Returns the rows added."""
     if not targets:
         return 0
     items: list[outbox.NewDelivery] = []
     for uid in outbox.studies_to_deliver(
-        engine, bundle.name, bundle.version, study_uids=study_uids
+        engine,
+        bundle.name,
+        bundle.version,
+        study_uids=study_uids,
+        enqueued=all_images,
+        destinations=[str(t) for t in targets],
     ):
-        items.extend(_study_items(engine, uid, bundle, targets))
+        items.extend(_study_items(engine, uid, bundle, targets, all_images=all_images))
     return outbox.enqueue_deliveries(engine, items)
 
 
 def _study_items(
-    engine: Engine, study_uid: str, bundle: Bundle, targets: Sequence[Destination]
+    engine: Engine,
+    study_uid: str,
+    bundle: Bundle,
+    targets: Sequence[Destination],
+    *,
+    all_images: bool = False,
 ) -> list[outbox.NewDelivery]:
     result = outbox.study_result(engine, study_uid, bundle.name, bundle.version)
     if result is None or not result.images:
         return []
-    objects = [("sr", object_uids(study_uid, bundle.name, bundle.version, "sr")[1], None)]
+    objects: list[tuple[str, str, str | None]] = [
+        ("sr", object_uids(study_uid, bundle.name, bundle.version, "sr")[1], None)
+    ]
     seen: set[str] = set()
     for image in result.images:
-        if image.p_fracture >= image.threshold and image.sop_instance_uid not in seen:
+        wanted = all_images or image.p_fracture >= image.threshold
+        if wanted and image.sop_instance_uid not in seen:
             seen.add(image.sop_instance_uid)
             uid = object_uids(study_uid, bundle.name, bundle.version, "sc", image.sop_instance_uid)
             objects.append(("sc", uid[1], image.sop_instance_uid))
@@ -109,10 +128,11 @@ def build_study_objects(
     settings: Settings,
     *,
     only: set[str] | None = None,
+    all_images: bool = False,
 ) -> dict[str, Dataset]:
-    """A study's result objects by SOP Instance UID (``only`` those UIDs, when given)."""
-    from bonewatch.worker.pipeline import file_path
-
+    """A study's result objects by SOP Instance UID: its SR and the Secondary Captures of its
+    positive images (of every image with ``all_images``); ``only`` those UIDs, when given,
+    whatever the image's label."""
     result = outbox.study_result(engine, study_uid, bundle.name, bundle.version)
     if result is None or not result.images:
         return {}
@@ -120,7 +140,7 @@ def build_study_objects(
     images: dict[str, outbox.ImageResultRow] = {}
     for row in result.images:
         images.setdefault(row.sop_instance_uid, row)
-    headers = {uid: read_header(file_path(row.path, settings)) for uid, row in images.items()}
+    headers = {uid: read_header(source_file(row.path, settings)) for uid, row in images.items()}
     outcomes = {
         uid: ImageOutcome(
             uid, row.sop_class_uid, row.body_part or "", row.p_fracture, row.threshold
@@ -139,23 +159,40 @@ def build_study_objects(
     sr_uid = object_uids(study_uid, bundle.name, bundle.version, "sr")[1]
     if only is None or sr_uid in only:
         out[sr_uid] = build_report(study, info, list(headers.values()))
-    wanted = [
-        (uid, images[uid])
-        for uid, o in outcomes.items()
-        if o.positive
-        and (
-            only is None
-            or object_uids(study_uid, bundle.name, bundle.version, "sc", uid)[1] in only
-        )
-    ]
-    for n, (uid, row) in enumerate(wanted, start=1):
-        picture = heatmap_picture(file_path(row.path, settings), outcomes[uid], bundle, settings)
-        sc = build_secondary_capture(headers[uid], picture, outcomes[uid], info, instance_number=n)
+    for n, (uid, outcome) in enumerate(outcomes.items(), start=1):
+        sc_uid = object_uids(study_uid, bundle.name, bundle.version, "sc", uid)[1]
+        if not (sc_uid in only if only is not None else all_images or outcome.positive):
+            continue
+        # The image's place in the study, so a rebuilt object keeps its Instance Number.
+        path = source_file(images[uid].path, settings)
+        picture = heatmap_picture(path, outcome, bundle, settings)
+        sc = build_secondary_capture(headers[uid], picture, outcome, info, instance_number=n)
         out[str(sc.SOPInstanceUID)] = sc
     return out
 
 
-def heatmap_picture(path: str, image: ImageOutcome, bundle: Bundle, settings: Settings):  # type: ignore[no-untyped-def]
+def source_file(stored: str, settings: Settings) -> str:
+    """Where a source image is now: its recorded path, or, once ``watch --quarantine`` moved it
+    (the ledger keeps the original path), the same relative path under the inbox's ``done/``.
+    The builders check that the header read is the image's own."""
+    from bonewatch.worker.pipeline import file_path
+
+    path = file_path(stored, settings)
+    if not settings.quarantine or settings.inbox is None or os.path.exists(path):
+        return path
+    for root in {settings.inbox.absolute(), settings.inbox.resolve()}:
+        try:
+            moved = root / "done" / Path(path).relative_to(root)
+        except ValueError:
+            continue
+        if moved.is_file():
+            return str(moved)
+    return path
+
+
+def heatmap_picture(
+    path: str, image: ImageOutcome, bundle: Bundle, settings: Settings
+) -> np.ndarray:
     """The source's pixels with the part's Grad-CAM heatmap over them, captioned."""
     from bonewatch.ingest import read_image
     from bonewatch.models.gradcam import explain_images, overlay_heatmap
@@ -183,45 +220,64 @@ def send_due(
     study: str | None = None,
     rng: random.Random | None = None,
 ) -> SendSummary:
-    """One pass over the due rows of this bundle version: build, send, record each attempt."""
-    due = [
-        d
-        for d in outbox.due_deliveries(engine, study=study)
-        if (d.bundle_name, d.bundle_version) == (bundle.name, bundle.version)
-    ]
+    """One pass over the due rows of this bundle version: build, send, record each attempt.
+
+    Each (study, destination) group is recorded as soon as the destination answered, so a
+    sender killed mid-pass sends again only what was not acknowledged yet."""
+    due = outbox.due_deliveries(engine, study=study, bundle=(bundle.name, bundle.version))
     groups: dict[tuple[str, str], list[outbox.DueDelivery]] = defaultdict(list)
+    wanted: dict[str, set[str]] = defaultdict(set)
     for row in due:
         groups[(row.study_uid, row.destination)].append(row)
-    sent: list[int] = []
-    failures: dict[int, str] = {}
+        wanted[row.study_uid].add(row.sop_instance_uid)
+    rng = rng or random.Random()
+    total = SendSummary()
     built: dict[str, dict[str, Dataset]] = {}
     build_errors: dict[str, str] = {}
     for (study_uid, target), rows in groups.items():
         if study_uid not in built:
             try:
-                built[study_uid] = build_study_objects(engine, study_uid, bundle, settings)
+                built[study_uid] = build_study_objects(
+                    engine, study_uid, bundle, settings, only=wanted[study_uid]
+                )
             except Exception as exc:  # a bad source or result costs that study's objects only
                 log.exception("cannot build the result objects of study %s", study_uid)
                 built[study_uid] = {}
                 build_errors[study_uid] = f"cannot build the object: {exc}"
         objects = built[study_uid]
-        datasets = [objects[r.sop_instance_uid] for r in rows if r.sop_instance_uid in objects]
+        failures: dict[int, str] = {}
         for r in rows:
             if r.sop_instance_uid not in objects:
                 failures[r.id] = build_errors.get(
                     study_uid, "the object can no longer be built (result or source gone)"
                 )
+        datasets = [objects[r.sop_instance_uid] for r in rows if r.sop_instance_uid in objects]
         try:
             outcome = _send(datasets, Destination.parse(target), settings)
         except DeliveryError as exc:
             outcome = {str(ds.SOPInstanceUID): str(exc) for ds in datasets}
+        sent = [
+            r.id
+            for r in rows
+            if r.sop_instance_uid in outcome and outcome[r.sop_instance_uid] is None
+        ]
         for r in rows:
-            if r.sop_instance_uid in outcome:
-                error = outcome[r.sop_instance_uid]
-                if error is None:
-                    sent.append(r.id)
-                else:
-                    failures[r.id] = error
+            error = outcome.get(r.sop_instance_uid)
+            if error is not None:
+                failures[r.id] = error
+        total = _record(engine, sent, failures, settings, rng, total)
+    return total
+
+
+def _record(
+    engine: Engine,
+    sent: list[int],
+    failures: dict[int, str],
+    settings: Settings,
+    rng: random.Random,
+    total: SendSummary,
+) -> SendSummary:
+    """One group's attempt in the outbox; ``total`` with it added."""
     if sent:
         outbox.mark_sent(engine, sent)
     gave_up = 0
@@ -234,9 +290,13 @@ def send_due(
             max_attempts=settings.send_retries,
             base=settings.retry_backoff_seconds,
             cap=settings.retry_backoff_max,
-            rng=rng or random.Random(),
+            rng=rng,
         )
-    return SendSummary(len(sent), len(failures) - gave_up, gave_up)
+    return SendSummary(
+        total.sent + len(sent),
+        total.retrying + len(failures) - gave_up,
+        total.failed + gave_up,
+    )
 
 
 def _send(
@@ -265,18 +325,67 @@ def send_until_done(
     """Send passes until nothing is pending or ``timeout`` seconds have passed."""
     deadline = time.monotonic() + timeout
     total = SendSummary()
+    version = (bundle.name, bundle.version)
     while True:
         s = send_due(engine, bundle, settings, study=study)
         total = SendSummary(total.sent + s.sent, s.retrying, total.failed + s.failed)
-        nxt = outbox.next_delivery_at(engine, study=study)
+        nxt = outbox.next_delivery_at(engine, study=study, bundle=version)
         if nxt is None:
             return total
-        from bonewatch.db.schema import utcnow
-
         wait = max(0.0, (nxt - utcnow()).total_seconds())
         if time.monotonic() + wait > deadline:
             return total
         time.sleep(min(wait, max(0.0, deadline - time.monotonic())) + 0.01)
+
+
+def send_pass(
+    engine: Engine, bundle: Bundle, settings: Settings, targets: Sequence[Destination]
+) -> SendSummary:
+    """What a sweep of ``watch``, ``listen`` or the ``send`` task does: mark the quiet studies
+    complete, put their objects in the outbox, send what is due once."""
+    mark_stable_studies(engine, settings.study_stable_seconds)
+    enqueue_studies(engine, bundle, targets, all_images=settings.send_all_images)
+    return send_due(engine, bundle, settings)
+
+
+class Sender(threading.Thread):
+    """Embedded ``watch`` and ``listen``: sends the complete studies' objects every
+    ``interval`` seconds, beside inference, until ``stop`` is set. A slow or absent PACS delays
+    only this thread; its faults are logged and tried again at the next sweep."""
+
+    def __init__(self, settings: Settings, stop: threading.Event, interval: float = 2.0) -> None:
+        super().__init__(name="bonewatch-send", daemon=True)
+        self.settings = settings
+        self.stop = stop
+        self.interval = interval
+        self.targets = destinations(settings)
+        self.sent = 0
+
+    def run(self) -> None:
+        from bonewatch.db import make_engine
+        from bonewatch.models.bundle import load_bundle
+
+        engine = make_engine(self.settings.resolved_database_url)
+        try:
+            bundle = load_bundle(self.settings.bundle, digest=self.settings.bundle_sha256)
+            while not self.stop.wait(self.interval):
+                try:
+                    self.sent += send_pass(engine, bundle, self.settings, self.targets).sent
+                except Exception as exc:  # the ledger or the objects: tried again next sweep
+                    log.warning("sending results failed (tried again shortly): %s", exc)
+        except Exception:
+            log.exception("the result sender stopped; `bonewatch send` sends what is left")
+        finally:
+            engine.dispose()
+
+
+def start_sender(settings: Settings, stop: threading.Event) -> Sender | None:
+    """The sender thread of an embedded run, started; None when no destination is set."""
+    sender = Sender(settings, stop)
+    if not sender.targets:
+        return None
+    sender.start()
+    return sender
 
 
 def write_objects(
@@ -289,10 +398,27 @@ def write_objects(
         uids = sorted(set(uids) | {r["study_uid"] for r in outbox.query_deliveries(engine)})
     written: list[Path] = []
     for uid in uids:
-        for sop, ds in build_study_objects(engine, uid, bundle, settings).items():
+        objects = build_study_objects(
+            engine, uid, bundle, settings, all_images=settings.send_all_images
+        )
+        for sop, ds in objects.items():
             kind = "sr" if ds.Modality == "SR" else "sc"
             path = out / uid / f"{kind}-{sop}.dcm"
             path.parent.mkdir(parents=True, exist_ok=True)
             ds.save_as(path, enforce_file_format=True)
             written.append(path)
     return written
+
+
+SEND_LOCK = "bonewatch.send"
+
+
+def exclusive_send_pass(engine: Engine, bundle: Bundle, settings: Settings) -> SendSummary:
+    """Distributed mode's ``send`` task: :func:`send_pass` by one process at a time across the
+    cluster (the ledger's advisory lock); a pass asked for while another runs does nothing."""
+    from bonewatch.db import exclusive
+
+    with exclusive(engine, SEND_LOCK) as mine:
+        if not mine:
+            return SendSummary()
+        return send_pass(engine, bundle, settings, destinations(settings))

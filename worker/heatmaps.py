@@ -109,6 +109,10 @@ def heatmap_path(folder: Path, bundle: Bundle, image_id: int) -> Path:
     return folder / name / f"{image_id}.png"
 
 
+# Bundles (folder, engine/precision) already told that their heatmaps cannot be drawn here.
+_said_no_heatmaps: set[str] = set()
+
+
 def store_heatmaps(
     bundle: Bundle,
     images: Sequence[tuple[ClaimedImage, DecodedImage, float]],
@@ -123,6 +127,8 @@ def store_heatmaps(
     Returns:
         Image id to the heatmap's absolute path.
     """
+    from bonewatch.models.bundle import BundleError
+    from bonewatch.models.extras import MissingExtra
     from bonewatch.models.gradcam import explain_images, overlay_heatmap
 
     positives = [
@@ -140,6 +146,12 @@ def store_heatmaps(
             bundle,
             batch_size=settings.batch_size,
         )
+    except (MissingExtra, BundleError) as exc:  # this install or bundle cannot draw them
+        key = f"{bundle.path}:{bundle.served_as}"
+        if key not in _said_no_heatmaps:
+            _said_no_heatmaps.add(key)
+            log.error("no heatmaps for bundle %s %s: %s", bundle.name, bundle.version, exc)
+        return {}
     except Exception:
         log.exception("Grad-CAM failed on a batch of %d positive images", len(positives))
         return {}

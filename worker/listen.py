@@ -75,9 +75,11 @@ class Registrar:
         *,
         on_queued: Callable[[list[int]], None],
         most: int = REGISTER_BATCH,
+        run_id: int | None = None,
     ) -> None:
         self.engine, self.settings, self.pool = engine, settings, pool
         self.on_queued = on_queued
+        self.run_id = run_id
         self.most = most
         self._waiting: queue.Queue[tuple[Path, Future[None]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="bonewatch-registrar", daemon=True)
@@ -119,6 +121,7 @@ class Registrar:
                 queue="live",
                 pool=self.pool,
                 on_chunk=self.on_queued,
+                run_id=self.run_id,
             )
         except BaseException as exc:  # the ledger is down: every sender of the batch hears it
             for _, done in batch:
@@ -187,7 +190,14 @@ def listen(
         ) as registrar,
     ):
         pipeline = None if bundle is None else Pipeline.open(settings, engine, pool, bundle)
-        register = Registrar(engine, settings, registrar, on_queued=queued)
+        if pipeline is not None:  # results back to PACS, in a thread of their own
+            from bonewatch.worker.delivery import start_sender
+
+            start_sender(settings, stop)
+        from bonewatch.worker.runs import listen_run
+
+        run_id = listen_run(engine, settings, received_dir(settings))  # one run, for good
+        register = Registrar(engine, settings, registrar, on_queued=queued, run_id=run_id)
         try:
             listener = StorageListener(listener_config(settings, tls), register).start()
         except BaseException:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from functools import cache
 from itertools import islice
 from pathlib import Path
@@ -40,6 +41,7 @@ from bonewatch.db import (
     release_for_retry,
     release_leases,
 )
+from bonewatch.db.runs import windowed_runs
 from bonewatch.ingest import (
     CorruptFileError,
     DecodedImage,
@@ -70,6 +72,7 @@ from bonewatch.models.preprocess import PreprocessSpec
 from bonewatch.worker.heatmaps import store_heatmaps
 from bonewatch.worker.quarantine import quarantine_finished
 from bonewatch.worker.settings import Settings
+from bonewatch.worker.window import BulkWindow, parse_window
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +349,9 @@ class RegisterSummary:
     refused: int = 0
     skipped: int = 0  # unreadable for now (I/O error); not recorded, taken again next time
     skipped_paths: list[Path] = field(default_factory=list)
+    retaken: int = 0  # rows without a result taken again for their file's new bytes
+    # Files whose row is being processed while they show other bytes: no row yet; offer again.
+    deferred_paths: list[Path] = field(default_factory=list)
     excluded: int = 0  # files and archive members --include/--exclude left out
     archive_entries_skipped: int = 0  # archive entries that are folders, links or devices
 
@@ -365,11 +371,13 @@ def register_paths(
     pool: Executor,
     chunk_size: int = 256,
     on_chunk: Callable[[list[int]], None] | None = None,
+    run_id: int | None = None,
 ) -> RegisterSummary:
     """Give every file (and every member of an archive) a ledger row, streaming in chunks so
     memory stays flat for big folders. Files the include/exclude globs leave out get none.
 
-    ``on_chunk`` receives the ids of the rows that were newly queued in each chunk.
+    ``on_chunk`` receives the ids of the rows that were newly queued in each chunk. New rows
+    belong to the run ``run_id``, where given.
     """
     summary = RegisterSummary()
     salt = settings.salt()
@@ -387,6 +395,8 @@ def register_paths(
             )
         )
         rows = [row for result in described if result is not None for row in result.rows]
+        if run_id is not None:
+            rows = [replace(row, run_id=run_id) for row in rows]
         members = {path for result in described if result is not None for path in result.members}
         for result in described:
             if result is not None:
@@ -396,18 +406,30 @@ def register_paths(
             p for p, result in zip(chunk, described, strict=True) if result is None
         )
         summary.skipped = len(summary.skipped_paths)
-        registered = register_images(engine, rows)
+        # A file quarantine moved keeps its row: new bytes at its path are another file.
+        moves = settings.quarantine and settings.inbox is not None
+        registered = register_images(engine, rows, retake_finished=not moves)
+        owners = [  # the file each row came from
+            p
+            for p, result in zip(chunk, described, strict=True)
+            if result is not None
+            for _ in result.rows
+        ]
+        summary.deferred_paths.extend(
+            dict.fromkeys(p for p, reg in zip(owners, registered, strict=True) if reg.deferred)
+        )
         quarantine_finished(
             [
                 (file_path(row.path, settings), reg.status)
                 for row, reg in zip(rows, registered, strict=True)
-                if row.path not in members
+                if row.path not in members and not reg.deferred
             ],
             settings,
         )
         summary.seen += len(rows) + sum(result is None for result in described)
         queued = []
         for reg in registered:
+            summary.retaken += reg.retaken
             if reg.requeued:
                 queued.append(reg.image_id)
                 continue
@@ -455,7 +477,7 @@ class _PixelBudget:
             if image.pixels.nbytes <= self._left:
                 self._left -= image.pixels.nbytes
                 return image
-        return replace(image, pixels=downscale(image.pixels, _COMPACT_SIDE))
+        return replace(image, pixels=downscale(image.pixels, _COMPACT_SIDE), grid=None)
 
 
 def _io_reason(exc: object) -> str:
@@ -488,8 +510,9 @@ def decode_claimed(
     salt = settings.salt()
     budget = _PixelBudget(pixel_budget)
     input_size = max((spec.input_size for spec in specs), default=None)
-    # JPEG 2000 and JPEG decode at the smallest scale covering the largest model input;
-    # heatmaps are drawn over the file's own pixels, so they keep the full decode.
+    # JPEG 2000 and JPEG decode at the smallest scale covering twice the largest model input
+    # (their grids go with them to preprocessing); heatmaps are drawn over the file's own
+    # pixels, so they keep the full decode.
     min_side = input_size if settings.reduced_decode and not settings.heatmaps else None
 
     def decode(item: ClaimedImage) -> tuple[ClaimedImage, object, float, list[Any], float]:
@@ -509,7 +532,7 @@ def decode_claimed(
             # Only radiographs of a size the bundle's input can use reach the models.
             check_acceptance(image.meta, input_size=input_size)
             decoded_s = time.perf_counter() - t0
-            inputs = prepare_inputs(image.pixels, specs)
+            inputs = prepare_inputs(image.pixels, specs, image.grid)
             image = budget.keep(image)
             return item, image, decoded_s, inputs, time.perf_counter() - t0 - decoded_s
         except (IngestError, OSError) as exc:
@@ -640,6 +663,7 @@ class Pipeline:
     bundle: Bundle
     pool: Executor
     specs: tuple[PreprocessSpec, ...]
+    window: BulkWindow | None = None
 
     @classmethod
     def open(
@@ -647,13 +671,29 @@ class Pipeline:
     ) -> Pipeline:
         """Load the serving bundle (unless given) and settle the model inputs once."""
         bundle = bundle if bundle is not None else serving_bundle(settings)
-        return cls(settings, engine, bundle, pool, tuple(input_specs(bundle)))
+        window = parse_window(settings.bulk_window)
+        return cls(settings, engine, bundle, pool, tuple(input_specs(bundle)), window)
+
+    def bulk_open(self) -> bool:
+        """Whether the bulk window is open now (always, with none configured)."""
+        return self.window is None or self.window.is_open(datetime.now(UTC))
+
+    def held_runs(self) -> list[int]:
+        """Runs outside a bulk window of their own (``process --window``): not claimed now,
+        by this process or any other on the ledger."""
+        now = datetime.now(UTC)
+        return [
+            run_id
+            for run_id, spec in windowed_runs(self.engine)
+            if not BulkWindow.parse(spec).is_open(now)
+        ]
 
     def claim(
         self, image_ids: Sequence[int] | None = None, *, taking_over_from: Sequence[str] = ()
     ) -> list[ClaimedImage]:
         """Lease the next batch (``live`` first), or those of ``image_ids`` still waiting; each
-        with the path of its file on this host."""
+        with the path of its file on this host. ``bulk`` rows only while the bulk window is
+        open; none of a paused or cancelled run, or of one outside its own window."""
         s = self.settings
         if image_ids is None:
             claimed = claim_batch(
@@ -662,6 +702,8 @@ class Pipeline:
                 lease_seconds=s.lease_seconds,
                 worker_id=worker_id(),
                 max_attempts=s.max_attempts,
+                bulk_open=self.bulk_open(),
+                held_runs=self.held_runs(),
             )
         else:
             claimed = claim_images(
@@ -671,6 +713,8 @@ class Pipeline:
                 worker_id=worker_id(),
                 max_attempts=s.max_attempts,
                 taking_over_from=taking_over_from,
+                bulk_open=self.bulk_open(),
+                held_runs=self.held_runs(),
             )
         return [replace(c, path=file_path(c.path, s)) for c in claimed]
 

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from bonewatch.worker.pipeline import (
     worker_id,
 )
 from bonewatch.worker.settings import Settings
+from bonewatch.worker.window import parse_window
 
 log = logging.getLogger(__name__)
 _jitter = random.Random()
@@ -228,10 +229,69 @@ def drain(
         outages = 0
         total.finished += done.finished
         total.batches += done.batches
-        when = next_retry_at(engine) if wait_for_retries else None
+        when = (
+            next_retry_at(engine, bulk_open=pipeline.bulk_open(), held_runs=pipeline.held_runs())
+            if wait_for_retries
+            else None
+        )
         if when is None or (stop is not None and stop.is_set()):
             return total
         (stop or threading.Event()).wait(max((when - datetime.now(UTC)).total_seconds(), 0.0))
+
+
+# How often a run's `process` looks at its run again while it waits (paused, window closed).
+RUN_POLL_SECONDS = 1.0
+
+
+def drain_run(
+    pipeline: Pipeline,
+    run_id: int,
+    *,
+    on_finished: Callable[[int], None] | None = None,
+    on_wait: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
+    poll_seconds: float = RUN_POLL_SECONDS,
+) -> DrainSummary:
+    """``process``: drain until the run is done or cancelled (or ``stop`` is set).
+
+    The run's row is read again between passes: while it is paused, or outside its bulk window
+    (the one it was started with, which ``bonewatch runs window`` moves), nothing new is claimed
+    and ``on_wait`` hears why, and when the window opens, once per change. Claims stop as the
+    window closes; a batch already claimed finishes. Each pass takes whatever is claimable, as
+    a plain :func:`drain` does, so rows an interrupted earlier run left are taken too.
+    """
+    from bonewatch.db.runs import get_run
+
+    stop = stop or threading.Event()
+    total = DrainSummary()
+    said = ""
+    while not stop.is_set():
+        run = get_run(pipeline.engine, run_id)
+        window = parse_window(run.bulk_window)
+        message = ""
+        if run.control == "paused":
+            message = f"run {run_id} is paused; waiting for `bonewatch runs resume {run_id}`"
+        elif window is not None and not window.is_open(datetime.now(UTC)):
+            opens = window.opens_at(datetime.now(UTC)).astimezone()
+            message = (
+                f"run {run_id} is outside its bulk window {window}; waiting until it opens at "
+                f"{opens:%Y-%m-%d %H:%M} local time"
+            )
+        if message:
+            if message != said and on_wait is not None:
+                on_wait(message)
+            said = message
+            stop.wait(poll_seconds)
+            continue
+        said = ""
+        if run.control == "active":
+            done = drain(replace(pipeline, window=window), on_finished=on_finished, stop=stop)
+            total.finished += done.finished
+            total.batches += done.batches
+        if get_run(pipeline.engine, run_id).state in ("done", "cancelled"):
+            break
+        stop.wait(poll_seconds)  # the rest is leased elsewhere, or waits out a backoff
+    return total
 
 
 def _take_back_own_leases(engine: Engine) -> None:
@@ -252,11 +312,15 @@ def process_paths(
     on_queued: Callable[[int], None] | None = None,
     on_finished: Callable[[int], None] | None = None,
     enqueue: Callable[[list[int]], None] | None = None,
+    run_id: int | None = None,
+    on_wait: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> tuple[RegisterSummary, DrainSummary]:
     """Register every file under ``paths`` on the bulk queue, then process all queued work.
 
     With ``enqueue`` (distributed mode) each chunk's newly queued ids are handed to it instead,
-    and nothing is processed here: workers do that.
+    and nothing is processed here: workers do that. With ``run_id`` the new rows belong to that
+    run, and processing goes on until the run is done or cancelled (:func:`drain_run`).
     """
     engine = enqueue_ledger(settings) if enqueue else open_ledger(settings)
     bundle = None if enqueue else serving_bundle(settings)
@@ -277,11 +341,20 @@ def process_paths(
         if on_registered is not None:
             files = _counting(files, on_registered)
         registered = register_paths(
-            engine, files, settings, queue="bulk", pool=pool, on_chunk=chunk_done
+            engine, files, settings, queue="bulk", pool=pool, on_chunk=chunk_done, run_id=run_id
         )
+        if run_id is not None:
+            from bonewatch.db.runs import seal_run
+
+            seal_run(engine, run_id)
         if pipeline is None:
             return registered, DrainSummary()
-        drained = drain(pipeline, on_finished=on_finished)
+        if run_id is None:
+            drained = drain(pipeline, on_finished=on_finished, stop=stop)
+        else:
+            drained = drain_run(
+                pipeline, run_id, on_finished=on_finished, on_wait=on_wait, stop=stop
+            )
     return registered, drained
 
 
@@ -292,15 +365,20 @@ def enqueue_ledger(settings: Settings) -> Engine:
     return open_shared_ledger(settings)
 
 
-def ledger_status(settings: Settings) -> dict[str, Any]:
+def ledger_status(settings: Settings, *, run_id: int | None = None) -> dict[str, Any]:
     """``bonewatch status``: counts by status, loss and double-count checks, queue depths.
+    With ``run_id``, the counts are that run's images only (the checks stay ledger-wide).
 
     ``lost`` counts rows that nothing will finish without help: expired leases and, in
     distributed mode, queued rows whose message is gone (``bonewatch reconcile`` repairs both).
     """
     engine = enqueue_ledger(settings) if settings.distributed else read_ledger(settings)
     try:
-        counts = count_by_status(engine)
+        if run_id is not None:
+            from bonewatch.db.runs import get_run
+
+            get_run(engine, run_id)  # RunNotFoundError names the run
+        counts = count_by_status(engine, run_id=run_id)
         from bonewatch.db import count_deliveries
 
         deliveries = count_deliveries(engine)
@@ -319,6 +397,7 @@ def ledger_status(settings: Settings) -> dict[str, Any]:
         engine.dispose()
     return {
         "ledger": make_url(settings.resolved_database_url).render_as_string(hide_password=True),
+        "run_id": run_id,
         "counts": counts,
         "total": sum(counts.values()),
         "lost": health["expired_leases"] + (health["unpublished"] or 0),
@@ -336,7 +415,7 @@ def _counting(items: Iterable[Path], tick: Callable[[int], None]) -> Iterable[Pa
 
 class FinishedFiles:
     """What ``watch`` says at its default level: one line per file that reached a final status
-    (its time, name, status and label), each once."""
+    (its time, name, status and label), each time once."""
 
     OVERLAP = timedelta(seconds=1)  # rows that finished in the same instant are not missed
 
@@ -350,8 +429,8 @@ class FinishedFiles:
         for row in sorted(rows, key=lambda r: str(r["finished_at"])):
             image_id = int(str(row["id"]))
             when = datetime.fromisoformat(str(row["finished_at"]))
-            if image_id in self.shown:
-                continue
+            if self.shown.get(image_id) == when:
+                continue  # a row taken again (its file changed) finishes again: said again
             what = " ".join(str(v) for v in (row["status"], row.get("label")) if v)
             say(f"{when.astimezone():%H:%M:%S}  {Path(str(row['path'])).name}  {what}")
             self.shown[image_id] = when
@@ -380,6 +459,9 @@ def watch_inbox(
     # The inbox is where quarantine moves go (done/, failed/ under it), when they are on.
     settings = settings.replace(inbox=settings.inbox or inbox)
     engine = enqueue_ledger(settings) if enqueue else open_ledger(settings)
+    from bonewatch.worker.runs import watch_run
+
+    run_id = watch_run(engine, inbox, settings)  # the folder's one run, across restarts
     bundle = None if enqueue else serving_bundle(settings)
     if bundle is not None:
         recover_leases(engine, settings)
@@ -394,17 +476,24 @@ def watch_inbox(
         ) as watcher,
     ):
         pipeline = None if bundle is None else Pipeline.open(settings, engine, pool, bundle)
+        if pipeline is not None:  # results back to PACS, in a thread of their own
+            from bonewatch.worker.delivery import start_sender
+
+            start_sender(settings, stop)
         on_event(f"watching {inbox} ({'polling' if settings.poll else 'file events'})")
         reported = FinishedFiles(engine)
         last_sweep = 0.0
-        unreadable: set[Path] = set()  # I/O errors at registration; offered again each sweep
+        # I/O errors at registration, and files with new bytes whose row was being processed:
+        # offered again each sweep.
+        unreadable: set[Path] = set()
         while not stop.is_set():
             files = watcher.ready(timeout=0.5)
             if files:
                 reg = register_paths(
-                    engine, files, settings, queue="live", pool=pool, on_chunk=enqueue
-                )
-                unreadable.update(reg.skipped_paths)
+                    engine, files, settings, queue="live", pool=pool, on_chunk=enqueue,
+                    run_id=run_id,
+                )  # fmt: skip
+                unreadable.update(reg.skipped_paths, reg.deferred_paths)
                 log.info(
                     "registered %d new file(s): %d duplicate(s), %d refused",
                     reg.new, reg.duplicates, reg.refused,
@@ -419,9 +508,10 @@ def watch_inbox(
                 retry = sorted(p for p in unreadable if os.path.exists(p))
                 unreadable.clear()
                 again = register_paths(
-                    engine, retry, settings, queue="live", pool=pool, on_chunk=enqueue
-                )
-                unreadable.update(again.skipped_paths)
+                    engine, retry, settings, queue="live", pool=pool, on_chunk=enqueue,
+                    run_id=run_id,
+                )  # fmt: skip
+                unreadable.update(again.skipped_paths, again.deferred_paths)
             if pipeline is None:
                 continue
             summary = drain(pipeline, stop=stop, wait_for_retries=False)

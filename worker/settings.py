@@ -13,9 +13,9 @@ import time
 from collections.abc import Mapping
 from difflib import get_close_matches
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, PrivateAttr
+from pydantic import AfterValidator, Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bonewatch import models
@@ -25,6 +25,14 @@ if TYPE_CHECKING:
 
 DEMO_BUNDLE = Path(models.__file__).resolve().parent / "bundles" / "demo-phantom"
 SECRETS_DIR = "/run/secrets"
+
+
+def _bulk_window(value: str | None) -> str | None:
+    """A bulk window is HH:MM-HH:MM (local time) or unset; the error says why it is not."""
+    from bonewatch.worker.window import parse_window
+
+    window = parse_window(value)
+    return str(window) if window else None
 
 
 class Settings(BaseSettings):
@@ -99,10 +107,9 @@ class Settings(BaseSettings):
         "quantize`), else fp32; bf16 on openvino only, where the CPU has it, after a parity check",
     )
     reduced_decode: bool = Field(
-        False,
-        description="decode JPEG 2000 and JPEG at the smallest resolution covering the model "
-        "input (full decoding when heatmaps are on, or where the reduction fails); off until "
-        "its parity on J2K phantoms holds (tests/ingest/test_reduced.py)",
+        True,
+        description="decode JPEG 2000 and JPEG at the smallest resolution covering twice the "
+        "model input (full decoding when heatmaps are on, or where the reduction fails)",
     )
     intra_op_threads: int = Field(
         0, ge=0, le=256, description="inference threads inside one op; 0 = one per core"
@@ -138,6 +145,11 @@ class Settings(BaseSettings):
     reconcile_grace_seconds: float = Field(
         30.0, ge=0, description="a queued row this long without a message is re-published"
     )
+    bulk_window: Annotated[str | None, AfterValidator(_bulk_window)] = Field(
+        None,
+        description="HH:MM-HH:MM in local time (20:00-06:00): workers take `bulk` only then, "
+        "`live` always; unset = any hour",
+    )
     transient_retries: int = Field(
         10, ge=0, description="task retries when the database or broker is unavailable"
     )
@@ -170,6 +182,9 @@ class Settings(BaseSettings):
     send_retries: int = Field(5, ge=1, le=100, description="attempts per object and destination")
     send_timeout: float = Field(
         60.0, ge=0, le=86400, description="seconds `process` waits for its deliveries"
+    )
+    send_all_images: bool = Field(
+        False, description="a Secondary Capture for every image, not only the positives"
     )
     dicom_network_timeout: float = Field(
         60.0, gt=0, le=3600, description="seconds an association may stay silent"

@@ -18,14 +18,19 @@ from bonewatch.bench import (
     run_rss_track,
     write_phantoms,
 )
-from bonewatch.ingest import parse_mura_path
-from bonewatch.models.engines import cpu_pass_size, default_streams
+from bonewatch.ingest import parse_mura_path, read_header
+from bonewatch.models.engines import (
+    cpu_pass_size,
+    cpu_supports_bf16,
+    default_streams,
+    openvino_available,
+)
 from bonewatch.worker.cli import app
 
 pytest.importorskip("onnxruntime")
 
 
-def test_bench_reports_every_figure(tmp_path):
+def _bench(tmp_path, *extra: str) -> dict:
     result = CliRunner().invoke(
         app,
         [
@@ -36,6 +41,8 @@ def test_bench_reports_every_figure(tmp_path):
             "small_cnn",
             "--input-size",
             "64",
+            "--image-size",
+            "160",
             "--format",
             "json",
             # keep it quick and hermetic: few files to register, no Celery workers
@@ -45,16 +52,20 @@ def test_bench_reports_every_figure(tmp_path):
             "4",
             "--distributed-workers",
             "0",
-            "--repeats",
-            "2",
             "--work-dir",
             str(tmp_path / "work"),
+            *extra,
         ],
     )
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    return json.loads(result.stdout)
+
+
+def test_bench_reports_every_figure(tmp_path):
+    report = _bench(tmp_path, "--repeats", "2")
     assert set(REPORT_KEYS) <= set(report)
     assert report["engine"] in ("keras", "onnx")
+    assert report["input"] == "png" and report["image_px"] == 160
     for key in (
         "bare_img_s",
         "seed_style_img_s",
@@ -63,20 +74,41 @@ def test_bench_reports_every_figure(tmp_path):
         "embedded_vs_seed_style",
         "peak_rss_mb",
         "register_files_s",
+        "decode_img_s",
+        "decode_full_img_s",
     ):
         assert isinstance(report[key], float) and report[key] > 0, key
     assert report["distributed_img_s"] is None and report["distributed_runs_img_s"] == []
     assert "skipped" in report["distributed_note"]
-    assert set(report["bare_img_s_by_engine"]) == {"keras", "onnx"}
-    assert report["bare_img_s"] == report["bare_img_s_by_engine"][report["engine"]]
-    # Both engines went through `bonewatch process`, twice each; the figures are medians.
-    assert set(report["embedded_img_s_by_engine"]) == {"keras", "onnx"}
-    for name in ("keras", "onnx"):
-        runs = report["embedded_runs_img_s"][name]
+    # The bench bundle carries int8 models, so the worker's auto precision serves them.
+    assert report["precision"] == "int8"
+    rows = {(r["engine"], r["precision"]): r for r in report["by_engine_precision"]}
+    expected = {("keras", "fp32"), ("onnx", "fp32"), ("onnx", "int8")}
+    if openvino_available():
+        expected |= {("openvino", "fp32"), ("openvino", "int8")}
+    if cpu_supports_bf16():
+        expected.add(("openvino", "bf16"))
+    else:
+        assert any("bf16" in note for note in report["precision_notes"])
+    assert expected <= set(rows)
+    for (engine, precision), row in rows.items():
+        assert row["bare_img_s"] > 0 and row["embedded_img_s"] > 0, (engine, precision)
+        # Every variant went through `bonewatch process`, twice; the figures are medians.
+        runs = report["embedded_runs_img_s"][f"{engine}-{precision}"]
         assert len(runs) == 2 and all(r > 0 for r in runs)
-        assert report["embedded_img_s_by_engine"][name] == pytest.approx(sum(runs) / 2, abs=0.01)
-        assert len(report["bare_runs_img_s"][name]) == 2
-    assert report["embedded_img_s"] == report["embedded_img_s_by_engine"][report["engine"]]
+        assert row["embedded_img_s"] == pytest.approx(sum(runs) / 2, abs=0.01)
+        assert len(report["bare_runs_img_s"][f"{engine}-{precision}"]) == 2
+    chosen = rows[(report["engine"], report["precision"])]
+    assert report["bare_img_s"] == chosen["bare_img_s"]
+    assert report["embedded_img_s"] == chosen["embedded_img_s"]
+    best_int8 = max(r["embedded_img_s"] for r in rows.values() if r["precision"] == "int8")
+    assert report["int8_vs_fp32_embedded"] == pytest.approx(
+        best_int8 / rows[("onnx", "fp32")]["embedded_img_s"], rel=0.02
+    )
+    # The figures by engine stay each engine's fp32 ones.
+    assert set(report["bare_img_s_by_engine"]) >= {"keras", "onnx"}
+    assert report["bare_img_s_by_engine"]["onnx"] == rows[("onnx", "fp32")]["bare_img_s"]
+    assert report["embedded_img_s_by_engine"]["keras"] == rows[("keras", "fp32")]["embedded_img_s"]
     assert report["onnx_vs_keras_embedded"] == pytest.approx(
         report["embedded_img_s_by_engine"]["onnx"] / report["embedded_img_s_by_engine"]["keras"],
         rel=0.02,
@@ -102,6 +134,26 @@ def test_bench_reports_every_figure(tmp_path):
         report["machine"]["cores"], threads["onnx"]["streams"]
     )
     assert report["threads"] == threads[report["engine"]]
+
+
+def test_bench_on_jpeg2000_dicom_decodes_reduced(tmp_path):
+    report = _bench(
+        tmp_path, "--input", "dicom-j2k", "--image-size", "320", "--one-engine", "--repeats", "1"
+    )
+    assert report["input"] == "dicom-j2k"
+    images = sorted((tmp_path / "work" / "images").rglob("*.dcm"))
+    assert len(images) == 8
+    meta = read_header(images[0], salt="t")
+    assert meta.transfer_syntax == "1.2.840.10008.1.2.4.90"
+    assert (meta.rows, meta.columns, meta.bits_stored) == (320, 320, 12)
+    # --one-engine: the chosen engine and precision only.
+    assert [(r["engine"], r["precision"]) for r in report["by_engine_precision"]] == [
+        (report["engine"], report["precision"])
+    ]
+    # The worker decodes them at 1/2: the smallest JPEG 2000 level covering twice the input.
+    assert report["decode_min_side"] == 64 and report["decoded_px"] == 160
+    assert report["decode_img_s"] > 0 and report["decode_full_img_s"] > 0
+    assert report["embedded_img_s"] > 0 and report["embedded_vs_bare"] > 0
 
 
 def test_phantoms_are_distinct_files_in_mura_layout(tmp_path):

@@ -1,173 +1,201 @@
-"""Results delivered to a real PACS: Orthanc (Debian package ``orthanc``) on loopback ports."""
+"""Results delivered to a real PACS: Orthanc (Debian package ``orthanc``, with
+``orthanc-dicomweb`` for STOW-RS) on loopback ports."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
+import highdicom as hd
 import pydicom
 import pytest
 
-BONEWATCH = [sys.executable, "-m", "bonewatch"]
+from bonewatch.deliver import codes as bw
+from tests.deliver.pacs import Orthanc, base_env, outbox_rows, run, status, synth
+
+pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _reports(datasets: list[pydicom.Dataset], folder: Path) -> list[hd.sr.ComprehensiveSR]:
+    out = []
+    for n, ds in enumerate(d for d in datasets if d.Modality == "SR"):
+        path = folder / f"sr{n}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out.append(hd.sr.srread(path))
+    return out
 
 
-class Orthanc:
-    def __init__(self, folder: Path) -> None:
-        self.dicom_port, self.http_port = _free_port(), _free_port()
-        folder.mkdir(parents=True, exist_ok=True)
-        self.config = folder / "orthanc.json"
-        plugins = [p for p in ("/usr/share/orthanc/plugins",) if Path(p).is_dir()]
-        self.config.write_text(
-            json.dumps(
-                {
-                    "Name": "bonewatch-test",
-                    "StorageDirectory": str(folder / "storage"),
-                    "IndexDirectory": str(folder / "storage"),
-                    "DicomAet": "ORTHANC",
-                    "DicomPort": self.dicom_port,
-                    "HttpPort": self.http_port,
-                    "RemoteAccessAllowed": False,
-                    "AuthenticationEnabled": False,
-                    "DicomCheckCalledAet": True,
-                    "DicomAlwaysAllowStore": True,
-                    "Plugins": plugins,
-                }
-            )
+def _probabilities(report: hd.sr.ComprehensiveSR) -> dict[str, float]:
+    """p(fracture) by referenced source SOP instance, as the SR holds them."""
+    groups = [g for g in report.content.get_image_measurement_groups() if g.source_images]
+    return {
+        g.source_images[0].referenced_sop_instance_uid: float(
+            g.get_measurements(name=bw.P_FRACTURE)[0].value
         )
-        self.log = folder / "orthanc.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def destination(self) -> str:
-        return f"ORTHANC@127.0.0.1:{self.dicom_port}"
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(["Orthanc", str(self.config)], stdout=log, stderr=log)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                self.get("/system")
-                return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"Orthanc did not start: {self.log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-            self.proc = None
-
-    def get(self, path: str) -> object:
-        url = f"http://127.0.0.1:{self.http_port}{path}"
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 (loopback)
-            return json.loads(response.read())
-
-    def file(self, instance: str) -> bytes:
-        url = f"http://127.0.0.1:{self.http_port}/instances/{instance}/file"
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 (loopback)
-            return response.read()
+        for g in groups
+    }
 
 
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    if shutil.which("Orthanc") is None:
-        message = "Orthanc is missing: install the Debian package orthanc"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message + " (CI=true, so this is an error, not a skip)", pytrace=False)
-        pytest.skip(message)
-    server = Orthanc(tmp_path / "orthanc")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*BONEWATCH, *args], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-
-
-def _status(env: dict[str, str]) -> dict[str, int]:
-    run = _run(["status", "--format", "json"], env)
-    assert run.returncode == 0, run.stderr
-    return json.loads(run.stdout)["deliveries"]
-
-
-@pytest.mark.slow
 def test_results_reach_orthanc_once_across_a_pacs_restart(orthanc: Orthanc, tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "BONEWATCH_DATA_DIR": str(tmp_path / "data"),
-        "BONEWATCH_DICOM_DESTINATIONS": orthanc.destination,
-        "BONEWATCH_SEND_TIMEOUT": "10",
-        "BONEWATCH_RETRY_BACKOFF_SECONDS": "0.1",
-        "BONEWATCH_SEND_RETRIES": "20",
-    }
+    env = base_env(
+        tmp_path / "data",
+        dicom_destinations=orthanc.destination,
+        send_timeout="10",
+        send_retries="20",
+    )
     inbox = tmp_path / "in"
-    assert _run(["synth", str(inbox), "--studies", "4", "--format", "dicom"], env).returncode == 0
-    sources = {
-        str(ds.SOPInstanceUID): ds
-        for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in inbox.rglob("*.dcm"))
-    }
+    sources = synth(inbox, 4, env)
     study_uids = {str(ds.StudyInstanceUID) for ds in sources.values()}
 
-    # The PACS is down while `process` runs: it still exits 0, the objects stay pending.
+    # The PACS is down while `process` runs: it tries for BONEWATCH_SEND_TIMEOUT, exits 0, and
+    # the objects stay pending.
     orthanc.stop()
-    run = _run(["process", str(inbox)], env)
-    assert run.returncode == 0, run.stdout + run.stderr
-    pending = _status(env)
+    result = run(["process", str(inbox)], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    pending = status(env)
     assert pending["pending"] > 0 and pending["sent"] == 0, pending
+    rows = outbox_rows(tmp_path / "data")
+    assert all(r["attempts"] >= 1 and "no association" in r["last_error"] for r in rows), rows
 
     orthanc.start()
-    run = _run(["send"], env)
-    assert run.returncode == 0, run.stdout + run.stderr
-    again = _run(["send"], env)  # nothing left: sends nothing twice
-    assert again.returncode == 0
-    counts = _status(env)
-    print("outbox after the PACS restart:", counts)
+    result = run(["send"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    again = run(["send"], env)  # nothing left: sends nothing twice
+    assert again.returncode == 0 and "sent 0" in again.stdout, again.stdout
+    counts = status(env)
+    print("outbox after the PACS restart:", json.dumps(counts))
     assert counts == {"pending": 0, "sent": pending["pending"], "failed": 0}
 
-    instances = orthanc.get("/instances")
-    assert isinstance(instances, list)
-    assert len(instances) == counts["sent"]  # each object once
-    import highdicom as hd
-
-    from bonewatch.deliver import codes as bw
-
-    reports = 0
-    for instance in instances:
-        path = tmp_path / f"{instance}.dcm"
-        path.write_bytes(orthanc.file(instance))
-        ds = pydicom.dcmread(path)
+    datasets = orthanc.datasets(tmp_path / "back")
+    assert len(datasets) == counts["sent"]  # each object once
+    assert {str(ds.SOPInstanceUID) for ds in datasets} == {r["sop_instance_uid"] for r in rows}
+    reports = _reports(datasets, tmp_path)
+    assert len(reports) == len(study_uids)
+    for ds in datasets:
         assert ds.StudyInstanceUID in study_uids  # filed in the source's study
-        if ds.Modality == "SR":
-            reports += 1
-            everything = hd.sr.srread(path).content.get_image_measurement_groups()
-            groups = [g for g in everything if g.source_images]  # the study's group has none
-            assert len(everything) == len(groups) + 1
-            referenced = {g.source_images[0].referenced_sop_instance_uid for g in groups}
-            assert referenced <= set(sources)
-            values = [m.value for g in groups for m in g.get_measurements(name=bw.P_FRACTURE)]
-            assert len(values) == len(referenced) > 0
-        else:
+        source = sources[
+            ds.SourceImageSequence[0].ReferencedSOPInstanceUID
+            if ds.Modality != "SR"
+            else ds.CurrentRequestedProcedureEvidenceSequence[0]
+            .ReferencedSeriesSequence[0]
+            .ReferencedSOPSequence[0]
+            .ReferencedSOPInstanceUID
+        ]
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.PatientID == source.PatientID
+        if ds.Modality != "SR":
             assert ds.BurnedInAnnotation == "YES"
-            assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID in sources
-    assert reports >= 1
+    # the SR read back holds each image's probability, as the ledger has it
+    scores = {
+        str(r["sop_instance_uid"]): float(r["p_fracture"])
+        for r in json.loads(run(["results", "--format", "json"], env).stdout)
+        if r.get("p_fracture") is not None
+    }
+    for report in reports:
+        held = _probabilities(report)
+        assert held and set(held) <= set(sources)
+        for sop, p in held.items():
+            assert p == pytest.approx(scores[sop], abs=1e-6)
+
+
+def test_stow_rs_to_orthanc_dicomweb_files_the_objects_in_their_studies(
+    orthanc_web: Orthanc, tmp_path: Path
+) -> None:
+    from dicomweb_client.api import DICOMwebClient
+
+    env = base_env(tmp_path / "data", dicomweb_url=orthanc_web.dicomweb_url)
+    inbox = tmp_path / "in"
+    sources = synth(inbox, 3, env, seed=11)
+    result = run(["process", str(inbox)], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = status(env)
+    assert counts["pending"] == counts["failed"] == 0 and counts["sent"] > 0, (
+        result.stdout + result.stderr
+    )
+    rows = outbox_rows(tmp_path / "data")
+    assert {r["destination"] for r in rows} == {orthanc_web.dicomweb_url}
+
+    # read back through DICOMweb itself (QIDO-RS), study by study
+    client = DICOMwebClient(url=orthanc_web.dicomweb_url)
+    for study in {str(ds.StudyInstanceUID) for ds in sources.values()}:
+        found = client.search_for_instances(study_instance_uid=study)
+        held = {pydicom.Dataset.from_json(item).SOPInstanceUID for item in found}
+        expected = {r["sop_instance_uid"] for r in rows if r["study_uid"] == study}
+        assert expected and expected <= held  # the SR and SCs sit in the source's study
+        assert len(expected & held) == len(expected)
+    # and nothing else arrived: only the result objects were sent, never the originals
+    assert len(orthanc_web.instances()) == len(rows)
+
+
+def _bundle_version(tmp_path: Path, version: str) -> Path:
+    """The demo bundle under another version (the same weights)."""
+    from bonewatch.worker.settings import Settings
+
+    copy = tmp_path / f"bundle-{version}"
+    shutil.copytree(Settings().bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["version"] = version
+    (copy / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return copy
+
+
+def test_a_new_bundle_version_makes_new_objects_and_the_old_stay(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    env = base_env(
+        tmp_path / "data", dicom_destinations=orthanc.destination, study_stable_seconds="0"
+    )
+    inbox = tmp_path / "in"
+    synth(inbox, 2, env, seed=5)
+    assert run(["process", str(inbox)], env).returncode == 0
+    first = {str(ds.SOPInstanceUID): ds for ds in orthanc.datasets(tmp_path / "v1")}
+    assert first and status(env)["sent"] == len(first)
+
+    newer = _bundle_version(tmp_path, "1.1.0")
+    result = run(["rescore", "--bundle", str(newer)], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = run(["send", "--bundle", str(newer)], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    both = {str(ds.SOPInstanceUID): ds for ds in orthanc.datasets(tmp_path / "v2")}
+    added = {uid: ds for uid, ds in both.items() if uid not in first}
+    assert set(first) <= set(both)  # the old objects stay
+    assert len(added) >= len([d for d in first.values() if d.Modality == "SR"])
+    assert all(ds.SoftwareVersions == "demo-phantom 1.1.0" for ds in added.values())
+    assert all(ds.SoftwareVersions == "demo-phantom 1.0.0" for ds in first.values())
+    old_series = {ds.SeriesInstanceUID for ds in first.values()}
+    assert not old_series & {ds.SeriesInstanceUID for ds in added.values()}  # new series too
+    assert {ds.StudyInstanceUID for ds in added.values()} == {
+        ds.StudyInstanceUID for ds in first.values() if ds.Modality == "SR"
+    }
+
+
+def test_all_images_sends_a_secondary_capture_of_every_image(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    env = base_env(
+        tmp_path / "data", dicom_destinations=orthanc.destination, study_stable_seconds="0"
+    )
+    inbox = tmp_path / "in"
+    synth(inbox, 4, env, seed=2)
+    assert run(["process", str(inbox)], env).returncode == 0
+    labels = {
+        str(r["sop_instance_uid"]): r["label"]
+        for r in json.loads(run(["results", "--format", "json"], env).stdout)
+        if r.get("p_fracture") is not None
+    }
+    assert "negative" in labels.values() and "positive" in labels.values(), labels
+    first = {
+        ds.SourceImageSequence[0].ReferencedSOPInstanceUID
+        for ds in orthanc.datasets(tmp_path / "a")
+        if ds.Modality != "SR"
+    }
+    assert first == {uid for uid, label in labels.items() if label == "positive"}
+    result = run(["send", "--all-images"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    held = orthanc.datasets(tmp_path / "b")
+    captures = {
+        ds.SourceImageSequence[0].ReferencedSOPInstanceUID for ds in held if ds.Modality != "SR"
+    }
+    assert captures == set(labels)  # every scored image, positive or not
+    assert status(env) == {"pending": 0, "sent": len(held), "failed": 0}

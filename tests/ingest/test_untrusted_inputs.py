@@ -58,6 +58,15 @@ def _other_patient(make_dicom) -> Path:
     return make_dicom("other/secret.dcm", patient_id="OTHER-PATIENT")
 
 
+def _readers(path: Path) -> dict[str, Callable[[], Any]]:
+    """Every way ingest reads a file's bytes, by name."""
+    return {
+        "read_header": lambda: read_header(path, salt=SALT),
+        "read_image": lambda: read_image(path, salt=SALT),
+        "sha256_file": lambda: sha256_file(path),
+    }
+
+
 def test_a_symlink_renamed_over_a_file_is_never_followed(tmp_path: Path, make_png, make_dicom):
     # A file of the inbox, then a link to another patient's image renamed over it (atomically,
     # as an attacker would, while the file is still settling).
@@ -66,15 +75,27 @@ def test_a_symlink_renamed_over_a_file_is_never_followed(tmp_path: Path, make_pn
     link = tmp_path / "inbox" / "link"
     link.symlink_to(secret)
     os.rename(link, inbox_file)
-    readers = {
-        "read_header": lambda: read_header(inbox_file, salt=SALT),
-        "read_image": lambda: read_image(inbox_file, salt=SALT),
-        "sha256_file": lambda: sha256_file(inbox_file),
-    }
-    for name, call in readers.items():
+    for name, call in _readers(inbox_file).items():
         error = _refusal(call, f"{name} followed a symlink out of the inbox")
         assert isinstance(error, UnreadableFileError), (name, error)
         assert "symbolic link" in error.reason
+
+
+def test_a_hard_link_to_a_file_outside_the_inbox_is_never_read(tmp_path: Path, make_dicom) -> None:
+    # A hard link is no symlink: O_NOFOLLOW opens it, and its inode is that of another
+    # patient's image outside the inbox.
+    secret = _other_patient(make_dicom)
+    (tmp_path / "inbox").mkdir()
+    linked = tmp_path / "inbox" / "scan.dcm"
+    os.link(secret, linked)
+    for name, call in _readers(linked).items():
+        error = _refusal(call, f"{name} read a hard link to a file outside the inbox")
+        assert isinstance(error, UnreadableFileError), (name, error)
+        assert "2 hard links" in error.reason and "copy it in" in error.reason
+        assert str(tmp_path) not in error.reason and "secret" not in error.reason
+    # Once the outside name is gone, the file is the inbox's own and is read.
+    secret.unlink()
+    assert read_header(linked, salt=SALT).rows == 36
 
 
 def test_what_the_watcher_hands_out_after_a_swap_to_a_symlink_is_refused(

@@ -14,15 +14,18 @@ from bonewatch.models.bundle import (
     LOAD_PARITY,
     BundleError,
     check_parity,
+    forget_bundle,
     load_bundle,
     read_manifest,
     resolve_precision,
     sha256_of,
 )
+from bonewatch.models.datasets import load_dataset
 from bonewatch.models.engines import InferenceThreads, OnnxPredictor, cpu_supports_bf16
 from bonewatch.models.evaluate import evaluate_bundle
 from bonewatch.models.onnx_export import export_onnx, max_output_difference, parity_inputs
-from bonewatch.models.quantize import QuantizationRefused, heldout_samples, quantize_bundle
+from bonewatch.models.quantize import QuantizationRefused, quantize_bundle
+from bonewatch.worker.synth import synthesize
 from tests.models.conftest import build_tiny_bundle
 
 pytest.importorskip("onnxruntime")
@@ -39,6 +42,13 @@ def fp32_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _phantoms(tmp_path: Path, studies: int, seed: int) -> Path:
+    """Held-out phantom studies, written as `bonewatch bundle quantize` writes them."""
+    folder = tmp_path / "heldout"
+    synthesize(folder, studies=studies, fmt="png", seed=seed, split="valid")
+    return folder
+
+
 def _copy(src: Path, tmp_path: Path) -> Path:
     dst = tmp_path / src.name
     shutil.copytree(src, dst)
@@ -47,7 +57,10 @@ def _copy(src: Path, tmp_path: Path) -> Path:
 
 def test_quantize_adds_int8_models_and_records_the_changes(fp32_bundle, tmp_path):
     root = _copy(fp32_bundle, tmp_path)
-    manifest, models, comparison = quantize_bundle(root, calibration_images=16, heldout_studies=24)
+    heldout = _phantoms(tmp_path, 24, 90210)
+    manifest, models, comparison = quantize_bundle(
+        root, heldout=heldout, heldout_source="phantoms, seed 90210", calibration_images=16
+    )
     assert manifest.has_int8()
     assert {m.role for m in models} == set(manifest.models())
     for entry in manifest.models().values():
@@ -63,8 +76,28 @@ def test_quantize_adds_int8_models_and_records_the_changes(fp32_bundle, tmp_path
     assert "body_part" in recorded["delta"]["per_model"]
     assert recorded["tolerance"] == {"fracture_auroc_study": 0.005, "body_part_accuracy": 0.005}
     assert recorded["delta"] == comparison["delta"]
+    assert recorded["heldout"]["source"] == "phantoms, seed 90210"
+    assert recorded["heldout"]["n_images"] == len(load_dataset(heldout))
     assert load_bundle(root, engine="onnx", precision="auto").precision == "int8"
     assert load_bundle(root, engine="onnx", precision="fp32").precision == "fp32"
+
+
+def test_the_cli_compares_on_phantoms_it_writes_itself(fp32_bundle, tmp_path):
+    """`bundle quantize` without --heldout writes phantom studies of seed 90210 and hands the
+    folder to models.quantize, which never draws them itself."""
+    from typer.testing import CliRunner
+
+    from bonewatch.worker.cli import app
+
+    root = _copy(fp32_bundle, tmp_path)
+    result = CliRunner().invoke(
+        app,
+        ["bundle", "quantize", str(root), "--heldout-studies", "20", "--calibration-images", "8"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "int8 model(s) recorded" in result.output
+    heldout = read_manifest(root).model_dump()["quantization"]["heldout"]
+    assert heldout["source"] == "phantoms, seed 90210" and heldout["n_images"] > 20
 
 
 def test_quantize_refuses_over_the_tolerance_and_adds_nothing(fp32_bundle, tmp_path, monkeypatch):
@@ -88,7 +121,7 @@ def test_quantize_refuses_over_the_tolerance_and_adds_nothing(fp32_bundle, tmp_p
 
     monkeypatch.setattr(quantize_module, "compare_cascades", worse)
     with pytest.raises(QuantizationRefused, match="fracture_auroc_study"):
-        quantize_bundle(root, calibration_images=8, heldout_studies=20)
+        quantize_bundle(root, heldout=_phantoms(tmp_path, 20, 90210), calibration_images=8)
     assert (root / "manifest.json").read_bytes() == before
     assert sorted(p.name for p in root.iterdir()) == files
 
@@ -105,6 +138,36 @@ def test_precision_rules(fp32_bundle):
         resolve_precision(manifest, "onnx", "bf16")
     with pytest.raises(BundleError, match="unknown precision"):
         resolve_precision(manifest, "onnx", "fp8")
+
+
+def test_int8_that_strays_on_this_cpu_is_never_served(fp32_bundle, tmp_path, monkeypatch, caplog):
+    """Int8 kernels differ between CPUs (without VNNI, x86 int8 sums can saturate). Each int8
+    model is checked at load against fp32 and the gap `bundle quantize` recorded; one over it
+    makes auto serve fp32, with the reason logged, and an explicit int8 a one-line refusal."""
+    from bonewatch.models import bundle as bundle_module
+
+    root = _copy(fp32_bundle, tmp_path)
+    quantize_bundle(
+        root,
+        heldout=_phantoms(tmp_path, 20, 90210),
+        calibration_images=8,
+        tolerance_auroc=1.0,
+        tolerance_accuracy=1.0,
+    )
+    forget_bundle(root)
+    assert load_bundle(root, engine="onnx", precision="auto").served_as == "onnx/int8"
+
+    forget_bundle(root)
+    monkeypatch.setattr(bundle_module, "int8_slack", lambda recorded: -1.0)  # every gap over
+    with caplog.at_level("WARNING", logger="bonewatch.models.bundle"):
+        served = load_bundle(root, engine="onnx", precision="auto")
+    assert served.served_as == "onnx/fp32"
+    assert "differs from fp32" in caplog.text and "serving fp32 instead" in caplog.text
+    forget_bundle(root)
+    with pytest.raises(BundleError, match=r"differs from fp32 .* not served"):
+        load_bundle(root, engine="onnx", precision="int8")
+    forget_bundle(root)
+    assert load_bundle(root, engine="onnx", precision="fp32").served_as == "onnx/fp32"
 
 
 # --- the shipped demo bundle, which carries its int8 models ---------------------------------
@@ -144,7 +207,7 @@ def test_int8_cascade_stays_within_the_manifest_tolerance(engine, tmp_path):
         pytest.importorskip("openvino")
     recorded = read_manifest(DEMO).model_dump()["quantization"]
     tolerance = recorded["tolerance"]
-    samples = heldout_samples(None, 120, 7357, tmp_path)
+    samples = load_dataset(_phantoms(tmp_path, 120, 7357))
     fp32 = evaluate_bundle(samples, load_bundle(DEMO, engine="onnx"), bootstrap=None)
     int8 = evaluate_bundle(
         samples, load_bundle(DEMO, engine=engine, precision="int8"), bootstrap=None

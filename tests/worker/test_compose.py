@@ -23,11 +23,11 @@ from bonewatch.worker.cli import app
 from bonewatch.worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-BONEWATCH_SERVICES = ("migrate", "worker", "watcher", "listener", "web")
+BONEWATCH_SERVICES = ("migrate", "worker", "sender", "watcher", "listener", "web")
 DICOM_PORT = "11112"
 SECRETS_DIR = "/run/secrets"
-# Third-party images for which no digest could be verified; each must name an exact release.
-UNPINNED_IMAGES = {"flower"}
+# The image `build: .` makes from the Dockerfile: every bonewatch service, and Flower.
+PROJECT_IMAGE = re.compile(r"bonewatch:[\w.-]+")
 # What the official postgres entrypoint needs before it steps down to the postgres user.
 POSTGRES_CAPS = {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID"}
 
@@ -78,6 +78,7 @@ def test_the_services_a_distributed_setup_needs(compose):
         "postgres",
         "migrate",
         "worker",
+        "sender",
         "watcher",
         "listener",
         "web",
@@ -95,6 +96,7 @@ def test_redis_and_postgres_have_healthchecks(compose):
     [
         ("migrate", "upgrade"),
         ("worker", "worker"),
+        ("sender", "worker"),
         ("watcher", "watch"),
         ("listener", "listen"),
         ("web", "serve"),
@@ -109,6 +111,10 @@ def test_each_command_is_one_the_cli_accepts(compose, service, command):
 
         assert parse_queues(ctx.params["queues"]) == ["live", "bulk"]
         assert ctx.params["concurrency"] >= 1
+    if service == "sender":  # results to PACS on a queue of their own, never beside inference
+        from bonewatch.worker.distributed import parse_queues
+
+        assert parse_queues(ctx.params["queues"]) == ["send"]
     if service == "watcher":
         inbox = str(ctx.params["inbox"])
         mounts = [v.split(":")[1] for v in compose["services"]["watcher"]["volumes"]]
@@ -143,7 +149,7 @@ def test_urls_and_the_phi_key_come_from_secret_files(compose):
         assert "BONEWATCH_DATABASE_URL" not in env and "BONEWATCH_BROKER_URL" not in env, name
         assert "BONEWATCH_PHI_SALT" not in env, name
         assert "bonewatch_database_url" in _secret_names(service), name
-    for name in ("worker", "watcher", "listener"):
+    for name in ("worker", "sender", "watcher", "listener"):
         service = compose["services"][name]
         assert {"bonewatch_broker_url", "bonewatch_phi_key"} <= _secret_names(service), name
         assert _env(service)["BONEWATCH_PHI_KEY_FILE"] == f"{SECRETS_DIR}/bonewatch_phi_key"
@@ -306,17 +312,36 @@ def test_secrets_are_files_outside_the_repository(compose):
             assert a_setting or a_file, f"{name}: {secret} is read by nothing"
 
 
-def test_third_party_images_are_pinned_by_digest(compose):
-    digest = re.compile(r"^[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}$")
+def test_every_image_is_the_projects_build_or_pinned_by_digest(compose):
+    digest = re.compile(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}")
     for name, service in compose["services"].items():
-        if "build" in service:
+        image = service.get("image")
+        assert image is not None or "build" in service, name
+        if image is None:
             continue
-        image = service["image"]
-        if name in UNPINNED_IMAGES:
-            assert re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+", image), f"{name}: an exact release"
+        if PROJECT_IMAGE.fullmatch(image):
+            # the tag names what `build: .` makes here; it is never pulled from a registry
+            assert service.get("build") == ".", f"{name}: {image} without the build that makes it"
         else:
-            assert digest.match(image), f"{name}: {image} is not pinned by digest"
-    assert {"redis", "postgres"}.isdisjoint(UNPINNED_IMAGES)
+            assert digest.fullmatch(image), f"{name}: {image} is neither built nor pinned"
+    assert digest.fullmatch(compose["services"]["redis"]["image"])
+    assert digest.fullmatch(compose["services"]["postgres"]["image"])
+
+
+def test_flower_runs_from_the_projects_image_with_its_extra(compose):
+    """No third-party Flower image: the Dockerfile installs the [flower] extra, and Flower's
+    version floors sit in pyproject.toml beside the other dependencies."""
+    flower = compose["services"]["flower"]
+    assert flower["build"] == "." and PROJECT_IMAGE.fullmatch(flower["image"])
+    assert "exec celery flower" in _command_text(flower)
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert any(req.startswith("flower>=") for req in extras["flower"])
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"pip install '\.\[([\w,]+,)?flower(,[\w,]+)?\]'", dockerfile), (
+        "the image lacks the [flower] extra"
+    )
 
 
 def test_every_service_drops_capabilities_and_privilege_escalation(compose):
@@ -345,7 +370,7 @@ def test_deployment_data_and_secrets_stay_out_of_git_and_the_image():
 
 def test_the_image_installs_the_package_and_runs_as_a_user():
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert "pip install ." in dockerfile
+    assert re.search(r"pip install '?\.(\[[\w,]+\])?'?", dockerfile)
     assert "USER bonewatch" in dockerfile
     assert re.search(r"^FROM [\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}$", dockerfile, re.M)
     # Every folder that setuptools maps into the bonewatch package is in the build context.

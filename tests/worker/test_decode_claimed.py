@@ -156,3 +156,39 @@ def test_past_the_budget_images_keep_a_small_copy_and_the_model_inputs_do_not_ch
         full = read_image(claim.path, salt=settings.salt()).pixels
         expected = prepare_inputs(full, specs)[0]
         np.testing.assert_array_equal(batch.preprocessed.tensors[specs[0]][row], expected)
+
+
+# --- D: JPEG 2000 decodes at the resolution the models need -------------------------------------
+
+
+def test_jpeg2000_decodes_reduced_for_the_models_and_in_full_for_heatmaps(
+    tmp_path: Path, settings: Settings
+) -> None:
+    from bonewatch.ingest import make_uid, write_dicom
+    from bonewatch.models.preprocess import preprocess
+
+    yy, xx = np.mgrid[0:640, 0:600].astype(np.float64)
+    path = tmp_path / "cr.dcm"
+    write_dicom(
+        path,
+        0.5 + 0.4 * np.sin(xx / 37.0) * np.cos(yy / 23.0),
+        transfer_syntax="1.2.840.10008.1.2.4.90",
+        study_uid=make_uid("st"),
+        series_uid=make_uid("se"),
+        sop_uid=make_uid("so"),
+    )
+    spec = PreprocessSpec(input_size=64)
+    assert settings.reduced_decode  # the default
+    batch = _decode([_claim(path)], settings, specs=[spec])
+    image = batch.images[0][1]
+    # 1/4: 160 px, the smallest level still covering twice the 64 px input.
+    assert image.pixels.shape == (160, 150) and image.grid is not None
+    assert (image.meta.rows, image.meta.columns) == (640, 600)
+    assert batch.preprocessed is not None
+    made = batch.preprocessed.tensors[spec][0]
+    np.testing.assert_array_equal(made, preprocess(image.pixels, spec, image.grid))
+    full = preprocess(read_image(path, salt="t").pixels, spec)
+    assert float(np.abs(made - full).max()) < 0.01
+    # Heatmaps are drawn over the file's own pixels: the batch keeps the full decode.
+    heat = _decode([_claim(path)], settings.replace(heatmaps=True), specs=[spec])
+    assert heat.images[0][1].pixels.shape == (640, 600) and heat.images[0][1].grid is None

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bonewatch.db import count_by_status, query_results
-from bonewatch.ingest import write_png
+from bonewatch.db import count_by_status, query_results, query_studies
+from bonewatch.ingest import write_dicom, write_png
 from bonewatch.models.bundle import load_bundle
 from bonewatch.worker.pipeline import Pipeline, register_paths
 from bonewatch.worker.runner import drain, open_ledger, process_paths, watch_inbox
 from tests.worker.conftest import wait_for
+from tests.worker.live_watch import live_watch
 
 
 def _png_bytes(value: float, side: int = 64) -> bytes:
@@ -107,3 +108,51 @@ def test_a_file_deleted_before_it_is_read_fails_once_with_a_reason(tmp_path, set
     assert registered.new == 0 and drained.finished == 0
     (after,) = [r for r in query_results(engine) if Path(str(r["path"])).name == "short-lived.png"]
     assert after["attempts"] == 1 and after["status"] == "failed"
+
+
+def test_a_dicom_that_fails_while_written_is_taken_again_as_its_row_once_complete(
+    tmp_path, settings
+):
+    """The issue's case: a copy pauses longer than the settle time half-way, so the cut file is
+    read and fails; when the copy completes, the same row is taken again and ends ``done``."""
+    inbox, staging = tmp_path / "inbox", tmp_path / "staging"
+    inbox.mkdir()
+    staging.mkdir()
+    write_dicom(
+        staging / "whole.dcm",
+        (np.random.default_rng(3).random((96, 96)) * 0.2 + 0.75).astype(np.float32),
+        study_uid="1.2.826.0.1.77",
+        series_uid="1.2.826.0.1.77.1",
+        sop_uid="1.2.826.0.1.77.1.1",
+    )
+    whole = (staging / "whole.dcm").read_bytes()
+    engine = open_ledger(settings)
+
+    def rows() -> list[dict]:
+        return [r for r in query_results(engine) if Path(str(r["path"])).name == "slow.dcm"]
+
+    with live_watch(inbox, settings) as watch, open(inbox / "slow.dcm", "wb") as out:
+        assert watch.started()
+        out.write(whole[: len(whole) // 2])  # cut in the pixel data
+        out.flush()
+        # (an empty file, had the watcher seen one, is taken again the same way)
+        cut_sha = hashlib.sha256(whole[: len(whole) // 2]).hexdigest()
+        assert watch.wait(
+            lambda: [(r["status"], r["sha256"]) for r in rows()] == [("failed", cut_sha)]
+        ), rows()
+        (cut,) = rows()
+        assert cut["error_class"] in ("TruncatedFileError", "CorruptFileError"), cut
+        out.write(whole[len(whole) // 2 :])  # the copy goes on
+        out.flush()
+        assert watch.wait(lambda: [r["status"] for r in rows()] == ["done"]), rows()
+        time.sleep(5 * settings.settle_seconds)  # room for a second, wrong registration
+        final = rows()
+    assert len(final) == 1, final
+    (done,) = final
+    assert done["id"] == cut["id"], "the complete file got a new row beside the failed one"
+    assert done["sha256"] == hashlib.sha256(whole).hexdigest()
+    assert done["attempts"] == 1 and done["error_class"] is None
+    (study,) = [s for s in query_studies(engine) if s["study_uid"] == "1.2.826.0.1.77"]
+    assert study["n_images"] == 1
+    said = [line.split()[2] for line in watch.events if "slow.dcm" in line]
+    assert said[-2:] == ["failed", "done"], watch.events  # one line each time it finished

@@ -13,7 +13,7 @@ import pytest
 from bonewatch.db import query_results
 from bonewatch.ingest import write_png
 from bonewatch.worker.pipeline import quarantine_finished
-from bonewatch.worker.runner import open_ledger
+from bonewatch.worker.runner import open_ledger, process_paths
 from bonewatch.worker.settings import Settings
 from tests.worker.live_watch import live_watch
 
@@ -247,3 +247,23 @@ def test_watch_keeps_going_past_a_name_too_long_to_number(tmp_path, settings):
     statuses = sorted(str(r["status"]) for r in query_results(open_ledger(quarantined)))
     assert statuses[0] == "done" and set(statuses[1:]) <= {"failed", "unsupported"}, statuses
     assert len(statuses) == 3
+
+
+def test_a_hard_link_to_an_outside_image_is_failed_unread_and_the_original_stays(place):
+    """The review's experiment: another patient's image hard-linked into the inbox was read and
+    processed to ``done``. Now the link is failed, unread, and only the link itself moves."""
+    inbox, outside, settings = place
+    secret = outside / "other patient.png"
+    write_png(secret, np.full((64, 64), 0.8, np.float32))
+    original = secret.read_bytes()
+    os.link(secret, inbox / "scan.png")
+
+    registered, _ = process_paths([inbox], settings)
+
+    (row,) = query_results(open_ledger(settings))
+    assert row["status"] == "failed" and row["error_class"] == "UnreadableFileError"
+    assert "hard links" in str(row["reason"]) and str(outside) not in str(row["reason"])
+    assert row["sha256"] is None, "the outside file's bytes were read to fingerprint it"
+    assert registered.refused == 1
+    assert secret.read_bytes() == original and secret.stat().st_nlink == 2
+    assert (inbox / "failed" / "scan.png").samefile(secret)  # the link moved, inside the inbox

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Request, status
+from fastapi import APIRouter, Body, Depends, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from bonewatch.db.reviews import MAX_COMMENT, NewReview
-from bonewatch.db.worklist import study_detail
+from bonewatch.db.reviews import MAX_COMMENT
 from bonewatch.web.auth import ApiUser, Context, api_user
 from bonewatch.web.views import (
     checked_uid,
@@ -62,30 +61,18 @@ def review_study(
     study_uid: str,
     body: Annotated[ReviewIn, Body()],
 ) -> dict[str, Any]:
-    uid = checked_uid(study_uid)
-    name, version = body.bundle, body.bundle_version
-    if name is None or version is None:
-        detail = study_detail(ctx.engine, uid)
-        if detail is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such study")
-        if detail.result is None:
-            raise HTTPException(status.HTTP_409_CONFLICT, "the study has no result to review")
-        name, version = detail.result.bundle, detail.result.bundle_version
     saved = save_review(
         ctx,
         request,
         user,
-        NewReview(
-            study_uid=uid,
-            reviewer=user.username,
-            verdict=body.verdict,
-            label=body.label,
-            part=body.part,
-            comment=body.comment,
-            image_id=body.image_id,
-            bundle_name=name,
-            bundle_version=version,
-        ),
+        checked_uid(study_uid),
+        verdict=body.verdict,
+        label=body.label,
+        part=body.part,
+        comment=body.comment,
+        image_id=body.image_id,
+        bundle_name=body.bundle,
+        bundle_version=body.bundle_version,
     )
     return review_json(saved)
 

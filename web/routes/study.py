@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from bonewatch.db.reviews import PARTS, NewReview
+from bonewatch.db.reviews import PARTS
 from bonewatch.db.worklist import worklist_window
 from bonewatch.web.auth import Context, CurrentUser, WebUser, check_csrf, current_user
 from bonewatch.web.context import AppContext
@@ -38,6 +38,21 @@ def study_link(uid: str | None, query: WorklistQuery, position: int | None) -> s
     return f"/studies/{quote(uid, safe='/')}" + (f"?{encoded}" if encoded else "")
 
 
+def _neighbours(
+    ctx: AppContext, query: WorklistQuery, uid: str, position: int
+) -> tuple[str | None, str | None]:
+    """The study pages before and after ``uid`` at ``position`` on the worklist ``query``; where
+    the list has moved (a filter no longer matches this study), those around the same place."""
+    window = worklist_window(ctx.engine, query.resolve_bundle(ctx.bundles()).to_filter(), position)
+    if window[1] == uid:
+        return study_link(window[0], query, position - 1), study_link(
+            window[2], query, position + 1
+        )
+    return study_link(window[0], query, max(position - 1, 0)), study_link(
+        window[1], query, position
+    )
+
+
 def _query(params: dict[str, str]) -> WorklistQuery:
     try:
         return WorklistQuery.parse(params)
@@ -56,15 +71,7 @@ def study_page(request: Request, ctx: Context, user: CurrentUser, study_uid: str
     saved = request.query_params.get("saved", "")
     previous = following = None
     if position is not None:
-        window = worklist_window(
-            ctx.engine, query.resolve_bundle(ctx.bundles()).to_filter(), position
-        )
-        if window[1] == uid:
-            previous = study_link(window[0], query, position - 1)
-            following = study_link(window[2], query, position + 1)
-        else:  # the list moved (a filter no longer matches this study): stay at the same place
-            previous = study_link(window[0], query, max(position - 1, 0))
-            following = study_link(window[1], query, position)
+        previous, following = _neighbours(ctx, query, uid, position)
     return ctx.templates.TemplateResponse(
         request,
         "study.html",
@@ -99,26 +106,19 @@ def _review(request: Request, ctx: AppContext, user: WebUser, fields: dict[str, 
         ctx,
         request,
         user,
-        NewReview(
-            study_uid=uid,
-            reviewer=user.username,
-            verdict=fields.get("verdict", ""),
-            label=fields.get("label") or None,
-            part=fields.get("part") or None,
-            comment=fields.get("comment") or None,
-            bundle_name=fields.get("result_bundle", ""),
-            bundle_version=fields.get("result_version", ""),
-        ),
+        uid,
+        verdict=fields.get("verdict", ""),
+        label=fields.get("label") or None,
+        part=fields.get("part") or None,
+        comment=fields.get("comment") or None,
+        # the result the page showed; a form without one is refused, not given the latest
+        bundle_name=fields.get("result_bundle", ""),
+        bundle_version=fields.get("result_version", ""),
     )
-    target = study_link(uid, query, position)
+    following = None
     if position is not None:  # on to the next study of the same list
-        window = worklist_window(
-            ctx.engine, query.resolve_bundle(ctx.bundles()).to_filter(), position
-        )
-        if window[1] == uid and window[2] is not None:
-            target = study_link(window[2], query, position + 1)
-        elif window[1] != uid and window[1] is not None:
-            target = study_link(window[1], query, position)
+        _, following = _neighbours(ctx, query, uid, position)
+    target = following or study_link(uid, query, position)
     separator = "&" if "?" in (target or "") else "?"
     return RedirectResponse(
         f"{target}{separator}saved={saved.id}", status_code=status.HTTP_303_SEE_OTHER

@@ -23,6 +23,7 @@ from bonewatch.worker.cli import (
     rescore,
     results,
     reviews,
+    runs,
     send,
     serve,
     synth,
@@ -55,6 +56,10 @@ reviews_app = typer.Typer(
 )
 app.add_typer(user_app, name="user")
 app.add_typer(reviews_app, name="reviews")
+# `bonewatch runs` lists the runs (the group's callback); its subcommands act on one.
+runs_app = typer.Typer(rich_markup_mode=None)
+runs_app.callback(invoke_without_command=True)(runs.list_runs)
+app.add_typer(runs_app, name="runs")
 
 
 @app.callback()
@@ -83,6 +88,11 @@ COMMANDS: list[tuple[typer.Typer, str | None, Callable[..., Any]]] = [
     (app, None, workers.reconcile),
     (app, None, results.results),
     (app, "status", results.status),
+    (runs_app, "show", runs.show),
+    (runs_app, "pause", runs.pause),
+    (runs_app, "resume", runs.resume),
+    (runs_app, "cancel", runs.cancel),
+    (runs_app, "window", runs.window),
     (app, None, send.send),
     (app, None, serve.serve),
     (user_app, "add", user.add),
@@ -127,7 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if verbose:
             err.print_exception(show_locals=False)
-        err.print(f"[bold red]error:[/] {escape(describe_fault(exc))}", highlight=False)
+        # soft_wrap: one line however narrow the terminal, so it can be grepped from a log
+        err.print(
+            f"[bold red]error:[/] {escape(describe_fault(exc))}", highlight=False, soft_wrap=True
+        )
         if not verbose and not type(exc).__module__.startswith("bonewatch."):
             err.print("(run with -v for the traceback)", style="dim")
         raise SystemExit(1) from None

@@ -18,6 +18,26 @@ class EngineChoice(StrEnum):
     auto = "auto"
     keras = "keras"
     onnx = "onnx"
+    openvino = "openvino"
+
+
+class PrecisionChoice(StrEnum):
+    auto = "auto"
+    fp32 = "fp32"
+    int8 = "int8"
+    bf16 = "bf16"
+
+
+class InputChoice(StrEnum):
+    png = "png"
+    dicom = "dicom"
+    dicom_j2k = "dicom-j2k"
+    dicom_jpegls = "dicom-jpegls"
+
+
+# The phantoms' long side: a CR's full size, and the RSS track's smaller default (10,000 files).
+IMAGE_PX = 2000
+RSS_IMAGE_PX = 512
 
 
 def bench(
@@ -26,6 +46,24 @@ def bench(
     input_size: Annotated[int, typer.Option(min=8, help="Model input side in pixels.")] = 224,
     engine: Annotated[
         EngineChoice | None, typer.Option(help="Engine of the worker runs (BONEWATCH_ENGINE).")
+    ] = None,
+    precision: Annotated[
+        PrecisionChoice | None,
+        typer.Option(help="The engine's precision (BONEWATCH_PRECISION)."),
+    ] = None,
+    input_format: Annotated[
+        InputChoice,
+        typer.Option(
+            "--input", help="Phantoms as PNG or 12-bit CR DICOM: uncompressed, JPEG 2000, JPEG-LS."
+        ),
+    ] = InputChoice.png,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            min=32,
+            help=f"Long side of the phantoms in px (default {IMAGE_PX}, or {RSS_IMAGE_PX} with "
+            "--rss-track).",
+        ),
     ] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Images per batch.")] = None,
     inference_streams: Annotated[
@@ -75,7 +113,7 @@ def bench(
         bool,
         typer.Option(
             "--compare-engines/--one-engine",
-            help="Run the embedded figure on every engine the bundle has, or on --engine only.",
+            help="Measure every engine and precision here, or --engine and --precision only.",
         ),
     ] = True,
     rss_track: Annotated[
@@ -95,19 +133,26 @@ def bench(
 
     The engine's limit, seed-style serving, embedded and distributed.
 
-    Builds a randomly initialised two-stage bundle with BACKBONE, writes phantom PNGs and runs
-    them through each path on this machine.
+    Builds a randomly initialised two-stage bundle with BACKBONE (with int8 models), writes
+    phantoms in the --input encoding and runs them through each path on this machine, on every
+    engine and precision here.
     """
+    from bonewatch.models.extras import require_train
+
+    require_train("bench")  # it builds its bundle with Keras
     from bonewatch.bench import BenchConfig, BenchError, run_bench, run_rss_track
 
     config = BenchConfig.from_settings(
         settings_from(
             engine=engine.value if engine else None,
+            precision=precision.value if precision else None,
             batch_size=batch_size,
             inference_streams=inference_streams,
             forward_batch=forward_batch,
         ),
         images=images,
+        image_px=image_size or (RSS_IMAGE_PX if rss_track else IMAGE_PX),
+        input_format=input_format.value,
         backbone=backbone,
         input_size=input_size,
         seed_style_images=seed_style_images,

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from bonewatch.worker.cli._common import TableOrJson, err, fail, out
+
+# The phantom studies `bundle quantize` compares the cascades on when no --heldout is given: a
+# seed no bundle trained or calibrated on.
+HELDOUT_SEED = 90210
 
 
 def show(
@@ -44,7 +49,8 @@ def export_onnx(
     For BONEWATCH_ENGINE=onnx; they are recorded in its manifest.
 
     Each export is checked against its Keras model on phantoms and refused if any output
-    differs by more than 1e-4.
+    differs by more than 1e-4. Fracture models also get a class activation output, so heatmaps
+    need no TensorFlow. Needs the [train] extra.
     """
     from bonewatch.models.bundle import BundleError
     from bonewatch.models.onnx_export import export_onnx
@@ -54,7 +60,8 @@ def export_onnx(
     except BundleError as exc:
         fail(str(exc), code=1)
     for item in exported:
-        out.print(f"{item.role}: {item.file} (max |keras - onnx| {item.max_abs_diff:.1e})")
+        cam = f"; class activation output at {item.cam_layer}" if item.cam_layer else ""
+        out.print(f"{item.role}: {item.file} (max |keras - onnx| {item.max_abs_diff:.1e}{cam})")
     out.print(f"{len(exported)} ONNX model(s) recorded in {bundle_dir / 'manifest.json'}")
 
 
@@ -79,25 +86,35 @@ def quantize(
 ) -> None:
     """Add int8 ONNX models to a bundle, checked for accuracy.
 
-    Static QDQ, per-channel, S8S8 (for BONEWATCH_PRECISION).
+    Static QDQ, per-channel, S8S8 with 7-bit weights (for BONEWATCH_PRECISION).
 
     Calibrated on images of the bundle's kind through its preprocessing, then the int8 cascade
     is compared with the fp32 one on held-out data; over the tolerance nothing is added.
     """
     from bonewatch.models.bundle import BundleError
     from bonewatch.models.quantize import QuantizationRefused, quantize_bundle
+    from bonewatch.worker.synth import synthesize
 
     try:
-        _, models, comparison = quantize_bundle(
-            bundle_dir,
-            calibrate=calibrate,
-            heldout=heldout,
-            calibration_images=calibration_images,
-            heldout_studies=heldout_studies,
-            tolerance_auroc=tolerance_auroc,
-            tolerance_accuracy=tolerance_accuracy,
-            report=lambda m: err.print(m),
-        )
+        with tempfile.TemporaryDirectory(prefix="bonewatch-heldout-") as work:
+            source = None
+            if heldout is None:
+                heldout = Path(work) / "heldout"
+                err.print(f"writing {heldout_studies} phantom studies of seed {HELDOUT_SEED}")
+                synthesize(
+                    heldout, studies=heldout_studies, fmt="png", seed=HELDOUT_SEED, split="valid"
+                )
+                source = f"phantoms, seed {HELDOUT_SEED}"
+            _, models, comparison = quantize_bundle(
+                bundle_dir,
+                heldout=heldout,
+                heldout_source=source,
+                calibrate=calibrate,
+                calibration_images=calibration_images,
+                tolerance_auroc=tolerance_auroc,
+                tolerance_accuracy=tolerance_accuracy,
+                report=lambda m: err.print(m),
+            )
     except QuantizationRefused as exc:
         err.print(json.dumps(exc.report["delta"], indent=2))
         fail(str(exc), code=1)

@@ -152,6 +152,9 @@ def _cross_validate(
     fmt: TableOrJson,
 ) -> None:
     """``evaluate --folds K``: one bundle trained and evaluated per fold."""
+    from bonewatch.models.extras import require_train
+
+    require_train("evaluate --folds")
     from bonewatch.models.crossval import cross_validate, parse_overrides
     from bonewatch.worker import reports
 

@@ -52,11 +52,19 @@ def process(
     ] = False,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
+    window: Annotated[
+        str | None,
+        typer.Option(
+            "--window",
+            metavar="HH:MM-HH:MM",
+            help="Embedded: work only in this local-time window (BONEWATCH_BULK_WINDOW).",
+        ),
+    ] = None,
 ) -> None:
     """Register and process files and folders.
 
-    Every file under PATHS gets a ledger row, then all of them are processed and a summary
-    is printed.
+    Every file under PATHS gets a ledger row in a new run (`bonewatch runs`), then all of them
+    are processed and a summary is printed. Outside the bulk window the run waits for it.
 
     With BONEWATCH_BROKER_URL set, files are only registered and enqueued on the `bulk` queue
     for `bonewatch worker` processes. Bad files end as `failed`/`unsupported` rows with a reason;
@@ -68,9 +76,20 @@ def process(
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         fail(f"no such file or folder: {', '.join(missing)}")
+    if window is not None:
+        from bonewatch.worker.window import WindowError, parse_window
+
+        try:
+            parse_window(window)
+        except WindowError as exc:
+            fail(f"--window: {exc}")
     settings = settings_from(
-        bundle=bundle, batch_size=batch_size, include=_globs(include), exclude=_globs(exclude)
-    )
+        bundle=bundle, batch_size=batch_size, include=_globs(include), exclude=_globs(exclude),
+        bulk_window=window,
+    )  # fmt: skip
+    if window is not None and settings.distributed:
+        fail("--window is for embedded runs; distributed workers take bulk work in "
+             "`bonewatch worker --bulk-window` (BONEWATCH_BULK_WINDOW)")  # fmt: skip
     root = settings.path_root_for_storage
     if settings.store_relative_paths and root is None:
         fail("BONEWATCH_STORE_RELATIVE_PATHS needs BONEWATCH_PATH_ROOT, the folder to store "
@@ -84,16 +103,32 @@ def process(
     preflight(settings)
     warn_if_not_clinical(settings)
     from bonewatch.ingest import counting_skips
+    from bonewatch.worker.cli.runs import RunEta, run_progress
+    from bonewatch.worker.runs import start_archive_run
 
-    with progress_bar() as progress, counting_skips() as walk:
-        seen = progress.add_task("registering", total=None)
-        work = progress.add_task("processing", total=0)
+    ledger = open_ledger(settings)
+    try:
+        run_id = start_archive_run(ledger, paths, settings)
+    finally:
+        ledger.dispose()
+    err.print(f"run {run_id}: `bonewatch runs show {run_id}` follows it from elsewhere")
+    with run_progress() as progress, counting_skips() as walk:
+        seen = progress.add_task("registering", total=None, eta="")
+        work = progress.add_task("processing", total=0, eta="")
+        eta = RunEta(settings, run_id)
+
+        def finished(n: int) -> None:
+            progress.advance(work, n)
+            progress.update(work, eta=eta.text())
+
         registered, drained = process_paths(
             paths,
             settings,
             on_registered=lambda n: progress.advance(seen, n),
             on_queued=lambda n: progress.update(work, total=(progress.tasks[work].total or 0) + n),
-            on_finished=lambda n: progress.advance(work, n),
+            on_finished=finished,
+            run_id=run_id,
+            on_wait=lambda message: progress.console.print(message, highlight=False),
         )
         # archive members count as files seen: the bar ends full
         progress.update(seen, total=registered.seen, completed=registered.seen)
@@ -129,7 +164,9 @@ def _deliver(settings: Settings, drained: Any) -> None:
     try:
         bundle = load_bundle(settings.bundle)
         studies = outbox.finished_studies(engine, bundle.name, bundle.version)
-        delivery.enqueue_studies(engine, bundle, targets, study_uids=studies)
+        delivery.enqueue_studies(
+            engine, bundle, targets, study_uids=studies, all_images=settings.send_all_images
+        )
         summary = delivery.send_until_done(engine, bundle, settings, timeout=settings.send_timeout)
         counts = outbox.count_deliveries(engine)
     except Exception:  # the PACS's or the objects' trouble never fails `process`
@@ -162,11 +199,18 @@ def _left_out(registered: Any, walk: Any) -> str:
 
 def _enqueue(paths: list[Path], settings: Settings, *, wait: bool) -> None:
     """``process`` in distributed mode: register, publish on ``bulk``, optionally follow."""
-    from bonewatch.worker.distributed import DistributedError, Publisher
+    from bonewatch.worker.distributed import DistributedError, Publisher, open_shared_ledger
     from bonewatch.worker.runner import process_paths
+    from bonewatch.worker.runs import start_archive_run
 
     try:
         publisher = Publisher(settings, "bulk")
+        ledger = open_shared_ledger(settings)
+        try:
+            run_id = start_archive_run(ledger, paths, settings)
+        finally:
+            ledger.dispose()
+        err.print(f"run {run_id}: `bonewatch runs show {run_id}` follows it")
         with progress_bar() as progress:
             seen = progress.add_task("registering", total=None)
             queued = progress.add_task("enqueued on bulk", total=None)
@@ -176,6 +220,7 @@ def _enqueue(paths: list[Path], settings: Settings, *, wait: bool) -> None:
                 on_registered=lambda n: progress.advance(seen, n),
                 on_queued=lambda n: progress.advance(queued, n),
                 enqueue=publisher,
+                run_id=run_id,
             )
             progress.update(seen, total=registered.seen)
             progress.update(queued, total=publisher.images)
@@ -187,28 +232,14 @@ def _enqueue(paths: list[Path], settings: Settings, *, wait: bool) -> None:
         f"enqueued on bulk in {publisher.messages} message(s)."
     )
     if wait:
-        _follow_ledger(settings)
+        from bonewatch.worker.cli.runs import follow_run
 
-
-def _follow_ledger(settings: Settings, poll_seconds: float = 1.0) -> None:
-    """Show the ledger's progress until nothing is queued or processing any more."""
-    import time
-
-    from bonewatch.db import count_by_status
-    from bonewatch.worker.distributed import open_shared_ledger
-
-    engine = open_shared_ledger(settings)
-    with progress_bar() as progress:
-        task = progress.add_task("workers finishing", total=None)
-        while True:
-            counts = count_by_status(engine)
-            pending = counts["queued"] + counts["processing"]
-            total = sum(counts.values())
-            progress.update(task, total=total, completed=total - pending)
-            if not pending:
-                break
-            time.sleep(poll_seconds)
-    out.print("ledger: " + ", ".join(f"{k} {v}" for k, v in count_by_status(engine).items()))
+        report = follow_run(settings, run_id)
+        out.print(
+            f"run {run_id} {report['state']}: "
+            + ", ".join(f"{k} {v}" for k, v in report["counts"].items() if v),
+            highlight=False,
+        )
 
 
 def watch(

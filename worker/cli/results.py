@@ -80,6 +80,7 @@ class Status(StrEnum):
     failed = "failed"
     unsupported = "unsupported"
     duplicate = "duplicate"
+    cancelled = "cancelled"
 
 
 class Label(StrEnum):
@@ -111,6 +112,9 @@ def results(
         str | None, typer.Option(help="Paths matching a glob, e.g. '*/XR_WRIST/*'.")
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="At most this many rows.")] = None,
+    run: Annotated[
+        int | None, typer.Option("--run", min=1, help="Images of one run (`bonewatch runs`).")
+    ] = None,
     bundle: Annotated[
         str | None, typer.Option("--bundle", help="Results of this bundle (by name).")
     ] = None,
@@ -136,7 +140,7 @@ def results(
     if level is Level.study:
         image_only = {
             "--status": status, "--since": since, "--min-p": min_p, "--max-p": max_p,
-            "--id": image_id, "--path": path,
+            "--id": image_id, "--path": path, "--run": run,
         }  # fmt: skip
         given = [name for name, value in image_only.items() if value is not None]
         if given:
@@ -152,6 +156,13 @@ def results(
         else:
             render(rows, chosen or STUDY_CSV_COLUMNS, fmt)
         return
+    if run is not None:
+        from bonewatch.db.runs import RunNotFoundError, get_run
+
+        try:
+            get_run(engine, run)
+        except RunNotFoundError as exc:
+            fail(f"{exc} (`bonewatch runs` lists them)")
     rows = query_results(
         engine,
         study=study,
@@ -165,6 +176,7 @@ def results(
         path_glob=path,
         limit=limit,
         bundle=bundle,
+        run_id=run,
     )
     if fmt is not OutputFormat.table:
         render(rows, chosen or (list(rows[0]) if rows else IMAGE_COLUMNS), fmt)
@@ -253,6 +265,9 @@ def status(
     fmt: Annotated[TableOrJson, typer.Option("--format", help="table or json.")] = (
         TableOrJson.table
     ),
+    run: Annotated[
+        int | None, typer.Option("--run", min=1, help="Count the images of one run only.")
+    ] = None,
 ) -> None:
     """Count images by status and check nothing is lost.
 
@@ -260,17 +275,20 @@ def status(
     from bonewatch.worker.runner import ledger_status
 
     try:
-        report = ledger_status(settings_from())
+        report = ledger_status(settings_from(), run_id=run)
     except Exception as exc:
+        from bonewatch.db.runs import RunNotFoundError
         from bonewatch.worker.distributed import DistributedError
 
-        if isinstance(exc, DistributedError):
+        if isinstance(exc, DistributedError | RunNotFoundError):
             fail(str(exc))
         raise
     if fmt is TableOrJson.json:
         sys.stdout.write(json.dumps(report) + "\n")
         return
     out.print(f"ledger: {report['ledger']}", highlight=False)
+    if run is not None:
+        out.print(f"run {run}", highlight=False)
     table = Table("status", "images")
     for key, value in report["counts"].items():
         table.add_row(key, str(value))

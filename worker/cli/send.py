@@ -19,6 +19,14 @@ def send(
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Write the objects as files, send nothing.")
     ] = None,
+    all_images: Annotated[
+        bool | None,
+        typer.Option(
+            "--all-images",
+            help="A Secondary Capture of every image, not only the positives "
+            "(BONEWATCH_SEND_ALL_IMAGES).",
+        ),
+    ] = None,
     bundle: BundleOpt = None,
 ) -> None:
     """Send results to PACS as DICOM (SR and Secondary Captures).
@@ -34,7 +42,7 @@ def send(
     from bonewatch.worker import delivery
     from bonewatch.worker.runner import open_ledger
 
-    settings = settings_from(bundle=bundle)
+    settings = settings_from(bundle=bundle, send_all_images=all_images)
     try:
         targets = (Destination.parse(to),) if to else delivery.destinations(settings)
     except ValueError as exc:
@@ -53,7 +61,11 @@ def send(
                  "or pass --to")  # fmt: skip
         mark_stable_studies(engine, settings.study_stable_seconds)
         added = delivery.enqueue_studies(
-            engine, loaded, targets, study_uids=[study] if study else None
+            engine,
+            loaded,
+            targets,
+            study_uids=[study] if study else None,
+            all_images=settings.send_all_images,
         )
         retried = outbox.retry_failed(engine, study=study)
         summary = delivery.send_due(engine, loaded, settings, study=study)

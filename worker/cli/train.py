@@ -97,6 +97,9 @@ def train(
     """Train a two-stage bundle.
 
     Stage 1 picks the body part, then each part has its own fracture model."""
+    from bonewatch.models.extras import require_train
+
+    require_train("train")
     from bonewatch.models.architectures import WeightsError
     from bonewatch.models.datasets import DatasetError, detect_layout, load_dataset
     from bonewatch.models.train import TrainProgress, train_bundle

@@ -38,6 +38,14 @@ def worker(
         str | None, typer.Option(help="Celery node name (default bonewatch@<host>).")
     ] = None,
     bundle: BundleOpt = None,
+    bulk_window: Annotated[
+        str | None,
+        typer.Option(
+            "--bulk-window",
+            metavar="HH:MM-HH:MM",
+            help="Take bulk work only then, in local time (BONEWATCH_BULK_WINDOW).",
+        ),
+    ] = None,
 ) -> None:
     """Run Celery workers (distributed mode).
 
@@ -48,7 +56,7 @@ def worker(
     """
     from bonewatch.worker.distributed import DistributedError, parse_queues, run_worker
 
-    settings = settings_from(bundle=bundle)
+    settings = settings_from(bundle=bundle, bulk_window=bulk_window)
     if not settings.distributed:
         fail("bonewatch worker needs BONEWATCH_BROKER_URL (e.g. redis://127.0.0.1:6379/0)")
     warn_if_not_clinical(settings)

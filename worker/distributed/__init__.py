@@ -4,7 +4,7 @@ the shared ledger as the only truth.
 One module per concern, none importing another in a cycle:
 
 - :mod:`.celery_app`: the Celery configuration and the app factory;
-- :mod:`.tasks`: the one thin task;
+- :mod:`.tasks`: the thin tasks (processing images; sending results, on `send`);
 - :mod:`.child`: a pool child's life, from the launcher's settings;
 - :mod:`.publishing`: image ids onto the queues;
 - :mod:`.broker`: what the broker holds;

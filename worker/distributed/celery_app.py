@@ -16,6 +16,9 @@ from kombu import Exchange, Queue
 from bonewatch.worker.settings import Settings
 
 TASK_PROCESS = "bonewatch.process_images"
+# Results back to PACS, on a queue of their own so that a slow PACS never holds up inference.
+TASK_SEND = "bonewatch.send_results"
+SEND_QUEUE = "send"
 # Consumption order matters: with both queues, a worker takes ``live`` whenever it has messages.
 QUEUE_ORDER = ("live", "bulk")
 # How long a new pool child may take to start: it imports TensorFlow and loads the bundle.
@@ -51,6 +54,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_queues": [Queue(name, Exchange(name), routing_key=name) for name in QUEUE_ORDER],
+        # ``send`` is declared where it is used (a worker's -Q, the publisher), not here.
+        "task_routes": {TASK_SEND: {"queue": SEND_QUEUE, "routing_key": SEND_QUEUE}},
         "task_default_queue": "bulk",
         "task_publish_retry": True,
         "task_publish_retry_policy": {

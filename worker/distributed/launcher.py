@@ -10,7 +10,12 @@ from celery import signals
 
 from bonewatch.db import QUEUES
 from bonewatch.models.engines import InferenceThreads, default_streams
-from bonewatch.worker.distributed.celery_app import QUEUE_ORDER, DistributedError, create_app
+from bonewatch.worker.distributed.celery_app import (
+    QUEUE_ORDER,
+    SEND_QUEUE,
+    DistributedError,
+    create_app,
+)
 from bonewatch.worker.distributed.child import connect_lifecycle
 from bonewatch.worker.distributed.reconcile import PeriodicReconcile
 from bonewatch.worker.distributed.shared import open_shared_ledger
@@ -22,13 +27,15 @@ log = logging.getLogger(__name__)
 
 
 def parse_queues(text: str) -> list[str]:
-    """``live,bulk`` -> ``["live", "bulk"]`` in the order given; unknown names are an error."""
+    """``live,bulk`` -> ``["live", "bulk"]`` in the order given; unknown names are an error.
+    ``send`` (results back to PACS) comes last."""
+    order = (*QUEUE_ORDER, SEND_QUEUE)
     names = [q.strip() for q in text.split(",") if q.strip()]
-    unknown = [q for q in names if q not in QUEUES]
+    unknown = [q for q in names if q not in (*QUEUES, SEND_QUEUE)]
     if not names or unknown:
-        raise DistributedError(f"queues must be among {', '.join(QUEUE_ORDER)}; got {text!r}")
+        raise DistributedError(f"queues must be among {', '.join(order)}; got {text!r}")
     # live first whatever order was typed: the watched folder must not wait behind a backlog
-    return sorted(dict.fromkeys(names), key=QUEUE_ORDER.index)
+    return sorted(dict.fromkeys(names), key=order.index)
 
 
 def worker_processes(settings: Settings, concurrency: int = 0) -> int:
@@ -70,6 +77,11 @@ def run_worker(
     app = create_app(child_settings)
     register_tasks(app, child_settings)
     connect_lifecycle(child_settings)
+    if settings.bulk_window and "bulk" in queues:
+        from bonewatch.worker.distributed.window import install_window_gate
+        from bonewatch.worker.window import BulkWindow
+
+        install_window_gate(app, BulkWindow.parse(settings.bulk_window))
     ticker = PeriodicReconcile(settings, settings.reconcile_interval)
 
     def start_ticker(**_: Any) -> None:

@@ -1,4 +1,4 @@
-"""Publishing image ids on the ``live`` and ``bulk`` queues."""
+"""Publishing image ids on the ``live`` and ``bulk`` queues, and send passes on ``send``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from celery import Celery
 
 from bonewatch.db import QUEUES
-from bonewatch.worker.distributed.celery_app import TASK_PROCESS, get_app
+from bonewatch.worker.distributed.celery_app import SEND_QUEUE, TASK_PROCESS, TASK_SEND, get_app
 from bonewatch.worker.settings import Settings
 
 
@@ -44,6 +44,16 @@ def publish(
             )
             sent += 1
     return sent
+
+
+def publish_send(app: Celery) -> None:
+    """Ask for a pass over the outbox on the ``send`` queue (results back to PACS). Passes take
+    the ledger's lock one at a time, so asking twice costs one cheap pass."""
+    from kombu import Exchange, Queue
+
+    with app.producer_or_acquire() as producer:
+        Queue(SEND_QUEUE, Exchange(SEND_QUEUE), routing_key=SEND_QUEUE)(producer.channel).declare()
+        app.send_task(TASK_SEND, queue=SEND_QUEUE, routing_key=SEND_QUEUE, producer=producer)
 
 
 class Publisher:

@@ -24,7 +24,7 @@ from bonewatch.db import (
 )
 from bonewatch.worker.distributed.broker import BrokerView, inspect_broker
 from bonewatch.worker.distributed.celery_app import QUEUE_ORDER, get_app
-from bonewatch.worker.distributed.publishing import publish
+from bonewatch.worker.distributed.publishing import publish, publish_send
 from bonewatch.worker.pipeline import release_dead_local_leases
 from bonewatch.worker.settings import Settings
 
@@ -83,6 +83,8 @@ def reconcile(engine: Engine, settings: Settings, app: Celery | None = None) -> 
             publish(app, ids, queue, batch_size=settings.batch_size)
             summary.republished += len(ids)
     summary.queues = view.depths
+    if settings.dicom_destinations or settings.dicomweb_url:
+        publish_send(app)  # studies gone quiet, retries come due: a pass over the outbox
     if summary.released or summary.reclaimed or summary.republished:
         log.warning("reconcile: %s", summary.as_dict())
     return summary

@@ -13,9 +13,9 @@ import random
 from celery import Celery, Task
 
 from bonewatch.db import retry_delay
-from bonewatch.worker.distributed.celery_app import TASK_PROCESS
-from bonewatch.worker.distributed.child import run_task
-from bonewatch.worker.distributed.publishing import publish
+from bonewatch.worker.distributed.celery_app import TASK_PROCESS, TASK_SEND
+from bonewatch.worker.distributed.child import child_pipeline, run_task
+from bonewatch.worker.distributed.publishing import publish, publish_send
 from bonewatch.worker.pipeline import transient_errors, worker_id
 from bonewatch.worker.settings import Settings
 
@@ -23,7 +23,9 @@ _jitter = random.Random()
 
 
 def register_tasks(app: Celery, settings: Settings) -> None:
-    """Register ``process_images`` on ``app``; it runs with ``settings``, the launcher's."""
+    """Register ``process_images`` and ``send_results`` on ``app``; they run with ``settings``,
+    the launcher's."""
+    sending = bool(settings.dicom_destinations or settings.dicomweb_url)  # results to PACS
 
     @app.task(  # type: ignore[untyped-decorator]
         name=TASK_PROCESS,
@@ -71,4 +73,26 @@ def register_tasks(app: Celery, settings: Settings) -> None:
                 batch_size=settings.batch_size,
                 countdown=min(backoff * 1.25, settings.retry_backoff_max) + 0.5,
             )
+        if outcome.finished and sending:
+            publish_send(self.app)  # finished images may have completed a study
         return outcome.finished
+
+    @app.task(  # type: ignore[untyped-decorator]
+        name=TASK_SEND, shared=False, bind=True, max_retries=settings.transient_retries
+    )
+    def send_results(self: Task) -> int:
+        """Results back to PACS: one pass over the outbox (worker/delivery.py); returns the
+        objects sent."""
+        from bonewatch.worker.delivery import exclusive_send_pass
+
+        pipeline = child_pipeline(settings)
+        try:
+            return exclusive_send_pass(pipeline.engine, pipeline.bundle, settings).sent
+        except transient_errors() as exc:
+            delay = retry_delay(
+                self.request.retries + 1,
+                base=settings.retry_backoff_seconds,
+                cap=settings.retry_backoff_max,
+                rng=_jitter,
+            )
+            raise self.retry(exc=exc, countdown=delay) from exc

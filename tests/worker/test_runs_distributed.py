@@ -1,0 +1,192 @@
+"""Runs in distributed mode, against the real Redis and PostgreSQL on localhost: the bulk
+window of ``bonewatch worker``, pause, resume and cancel of a run whose messages are already
+in the broker, and the ETA.
+
+Workers are real ``bonewatch worker`` processes (Celery prefork), started by the harness of
+``test_distributed.py``; PostgreSQL is never restarted here. Redis database 12 is this module's
+own, so its flushes touch no other test's queues.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bonewatch.db import make_engine, upgrade
+from bonewatch.db.runs import cancel_run, get_run, pause_run
+from bonewatch.ingest import write_png
+from tests.conftest import _empty_pg_database, _unavailable
+from tests.worker.test_distributed import Cluster, make_inbox
+
+pytestmark = pytest.mark.services
+
+REDIS_URL = "redis://127.0.0.1:6379/12"
+
+
+@pytest.fixture
+def redis_db() -> Iterator[str]:
+    """Redis database 12, flushed before and after."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        _unavailable(f"Redis at 127.0.0.1:6379 does not answer PING (Debian: redis-server): {exc}")
+    client.flushdb()
+    try:
+        yield REDIS_URL
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, pg_url: str, redis_db: str, tiny_bundle_dir: Path) -> Iterator[Cluster]:
+    _empty_pg_database(pg_url)
+    upgrade(pg_url)
+    c = Cluster(tmp_path, pg_url, redis_db, tiny_bundle_dir)
+    c.env["BONEWATCH_BATCH_SIZE"] = "2"
+    try:
+        yield c
+    finally:
+        c.stop_all()
+
+
+def _window(start_hours: float, length_hours: float) -> str:
+    start = datetime.now(UTC).astimezone() + timedelta(hours=start_hours)
+    return f"{start:%H:%M}-{start + timedelta(hours=length_hours):%H:%M}"
+
+
+def _claimed_when_stopped(cluster: Cluster) -> int:
+    """Finished or in a claimed batch once a pause or cancel committed: the most that can
+    finish until the run resumes (nothing is claimed after it)."""
+    c = cluster.counts()
+    return sum(v for k, v in c.items() if k in ("done", "failed", "unsupported", "processing"))
+
+
+def _report(cluster: Cluster, run_id: int) -> dict[str, object]:
+    return dict(json.loads(cluster.run("runs", "show", str(run_id), "--format", "json").stdout))
+
+
+@pytest.mark.slow
+def test_outside_the_window_workers_take_live_only_until_it_moves_to_now(cluster):
+    archive = make_inbox(cluster.root, 20, size=96)
+    inbox = cluster.root / "inbox"
+    inbox.mkdir()
+    cluster.worker("w1", BONEWATCH_BULK_WINDOW=_window(2, 1))
+    assert "outside the bulk window" in cluster.log("w1.log")
+    cluster.spawn("watch", str(inbox), log="watch.log")
+    cluster.wait_for(lambda: "watching" in cluster.log("watch.log"), "the watcher")
+    cluster.run("process", str(archive))
+    write_png(cluster.root / "incoming.png", np.full((96, 96), 0.9, np.float32))
+    (cluster.root / "incoming.png").rename(inbox / "urgent.png")
+    cluster.wait_for(
+        lambda: cluster.query("SELECT status FROM images WHERE queue = 'live'") == [("done",)],
+        "the live file",
+    )
+    time.sleep(4)  # two reconcile intervals: bulk still waits
+    assert cluster.query("SELECT count(*), max(attempts) FROM images WHERE queue = 'bulk'") == [
+        (20, 0)
+    ]
+    runs = json.loads(cluster.run("runs", "--format", "json").stdout)
+    assert {(r["kind"], r["state"]) for r in runs} == {("archive", "queued"), ("watch", "running")}
+    # The window is moved to now: the worker restarts with it and takes the archive.
+    for proc, _ in cluster.procs[:1]:
+        proc.terminate()
+        proc.wait(timeout=60)
+    cluster.worker("w2", BONEWATCH_BULK_WINDOW=_window(-1, 2))
+    cluster.wait_all_final(21)
+    cluster.assert_exactly_once(21)
+    archive_run = next(r for r in runs if r["kind"] == "archive")
+    assert _report(cluster, int(archive_run["id"]))["state"] == "done"
+
+
+@pytest.mark.slow
+def test_pause_mid_run_then_resume_finishes_every_image_once(cluster):
+    n = 300
+    archive = make_inbox(cluster.root, n, size=128)
+    cluster.worker("w1")
+    cluster.run("process", str(archive))
+    cluster.wait_for(lambda: cluster.finished() >= 10, "the run to be under way")
+    engine = make_engine(cluster.pg_url)
+    try:
+        pause_run(engine, 1, reason="PACS migration")
+    finally:
+        engine.dispose()
+    bound = _claimed_when_stopped(cluster)
+    cluster.wait_for(lambda: cluster.counts().get("processing", 0) == 0, "the claimed batch")
+    time.sleep(5)  # the worker meets the rest of the messages: each is dropped, claiming nothing
+    assert cluster.finished() <= bound < n, "images were claimed after the pause"
+    assert cluster.query("SELECT count(*) FROM images WHERE status = 'queued'") == [
+        (n - cluster.finished(),)
+    ]
+    assert _report(cluster, 1)["state"] == "paused"
+    resumed = cluster.run("runs", "resume", "1").stdout
+    assert "run 1 resumed" in resumed and "published on bulk" in resumed
+    cluster.wait_all_final(n)
+    cluster.assert_exactly_once(n)
+    assert _report(cluster, 1)["state"] == "done"
+
+
+@pytest.mark.slow
+def test_cancel_mid_run_leaves_nothing_processed_after_it_but_the_claimed_batch(cluster):
+    n = 300
+    archive = make_inbox(cluster.root, n, size=128)
+    cluster.worker("w1")
+    cluster.run("process", str(archive))
+    cluster.wait_for(lambda: cluster.finished() >= 10, "the run to be under way")
+    engine = make_engine(cluster.pg_url)
+    try:
+        outcome = cancel_run(engine, 1, reason="wrong folder")
+    finally:
+        engine.dispose()
+    bound = _claimed_when_stopped(cluster)
+    cluster.wait_for(lambda: cluster.counts().get("processing", 0) == 0, "the claimed batch")
+    time.sleep(5)
+    counts = cluster.counts()
+    assert counts["done"] <= bound < n, "an image was processed after the cancel"
+    assert counts["cancelled"] == outcome.cancelled == n - counts["done"]
+    assert cluster.query("SELECT DISTINCT reason FROM images WHERE status = 'cancelled'") == [
+        ("wrong folder",)
+    ]
+    # A cancelled run is started again with resume: everything left is published again.
+    assert "queued again" in cluster.run("runs", "resume", "1").stdout
+    cluster.wait_all_final(n)
+    cluster.assert_exactly_once(n)
+
+
+@pytest.mark.slow
+def test_process_wait_follows_the_run_and_the_eta_is_within_a_quarter(cluster):
+    n = 300
+    archive = make_inbox(cluster.root, n, size=96)
+    cluster.worker("w1")
+    proc = cluster.spawn("process", str(archive), "--wait", log="process.log")
+    cluster.wait_for(lambda: cluster.finished() >= n // 3, "a third of the run")
+    report = _report(cluster, 1)
+    told_at = datetime.now(UTC)
+    assert report["state"] == "running" and report["images_per_second"]
+    assert report["eta"] is not None
+    eta = datetime.fromisoformat(str(report["eta"]))
+    cluster.wait_all_final(n)
+    assert proc.wait(timeout=60) == 0
+    log = cluster.log("process.log")
+    # the bar (a file gets its last frame only) and the run's counts at the end
+    assert "run 1 ━" in log and "300/300" in log and "run 1 done: done 300" in log
+    engine = make_engine(cluster.pg_url)
+    try:
+        finished = get_run(engine, 1).last_finished_at
+    finally:
+        engine.dispose()
+    assert finished is not None
+    actual = (finished - told_at).total_seconds()
+    told = (eta - told_at).total_seconds()
+    assert abs(told - actual) <= 0.25 * actual, (told, actual)
+    cluster.assert_exactly_once(n)
