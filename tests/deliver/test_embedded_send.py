@@ -26,10 +26,13 @@ def _scored_studies(data: Path) -> set[str]:
     path = data / "bonewatch.sqlite"
     if not path.exists():
         return set()
-    with sqlite3.connect(path) as conn:
-        rows = conn.execute(
-            "SELECT DISTINCT study_uid FROM study_results WHERE mean_p_fracture IS NOT NULL"
-        ).fetchall()
+    try:
+        with sqlite3.connect(path) as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT study_uid FROM study_results WHERE mean_p_fracture IS NOT NULL"
+            ).fetchall()
+    except sqlite3.OperationalError:  # the ledger is still being created or migrated
+        return set()
     return {r[0] for r in rows}
 
 
