@@ -216,6 +216,17 @@ def list_runs(
         return _infos(conn, conn.execute(stmt).all(), recent_seconds)
 
 
+def _set_control(
+    conn: Connection, run_id: int, control: str, reason: str | None, now: datetime
+) -> None:
+    """Set a run's control state (active, paused or cancelled) and its reason."""
+    conn.execute(
+        update(runs)
+        .where(runs.c.id == run_id)
+        .values(control=control, reason=reason, updated_at=now)
+    )
+
+
 def _locked_run(conn: Connection, run_id: int) -> Any:
     stmt = select(runs).where(runs.c.id == run_id)
     if conn.dialect.name == "postgresql":
@@ -240,11 +251,7 @@ def pause_run(engine: Engine, run_id: int, *, reason: str | None = None) -> RunI
         if row.control == "cancelled":
             raise RunStateError(f"run {run_id} is cancelled; `resume` starts it again")
         if row.control == "active":
-            conn.execute(
-                update(runs)
-                .where(runs.c.id == run_id)
-                .values(control="paused", reason=reason, updated_at=now)
-            )
+            _set_control(conn, run_id, "paused", reason, now)
     logger.info("run %d paused", run_id)
     return get_run(engine, run_id)
 
@@ -262,11 +269,7 @@ def resume_run(engine: Engine, run_id: int) -> tuple[RunInfo, int]:
     now = utcnow()
     with write_transaction(engine) as conn:
         _locked_run(conn, run_id)
-        conn.execute(
-            update(runs)
-            .where(runs.c.id == run_id)
-            .values(control="active", reason=None, updated_at=now)
-        )
+        _set_control(conn, run_id, "active", None, now)
         requeued = conn.execute(
             update(images)
             .where(images.c.run_id == run_id, images.c.status == "cancelled")
@@ -294,11 +297,7 @@ def cancel_run(engine: Engine, run_id: int, *, reason: str) -> CancelOutcome:
     now = utcnow()
     with write_transaction(engine) as conn:
         _locked_run(conn, run_id)
-        conn.execute(
-            update(runs)
-            .where(runs.c.id == run_id)
-            .values(control="cancelled", reason=reason, updated_at=now)
-        )
+        _set_control(conn, run_id, "cancelled", reason, now)
         waiting = or_(images.c.status == "queued", lease_expired(now))
         cancelled = conn.execute(
             update(images)

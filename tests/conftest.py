@@ -107,20 +107,25 @@ def db_engine(db_url: str) -> Iterator[Engine]:
         engine.dispose()
 
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """URL of Redis database 15 on localhost, flushed before and after the test."""
+def flushed_redis(url: str) -> Iterator[str]:
+    """``url``, a Redis database on localhost, flushed before and after; for fixtures."""
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+    client = redis.Redis.from_url(url, socket_connect_timeout=3)
     try:
         client.ping()
     except redis.RedisError as exc:
         client.close()
-        _unavailable(f"Redis at 127.0.0.1:6379 does not answer PING: {exc}")
+        _unavailable(f"Redis at 127.0.0.1:6379 does not answer PING (Debian: redis-server): {exc}")
     client.flushdb()
     try:
-        yield REDIS_URL
+        yield url
     finally:
         client.flushdb()
         client.close()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """URL of Redis database 15 on localhost, flushed before and after the test."""
+    yield from flushed_redis(REDIS_URL)

@@ -11,17 +11,20 @@ from typing import Annotated, Any
 import typer
 from rich import box
 from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
     Progress,
-    SpinnerColumn,
     TextColumn,
-    TimeElapsedColumn,
 )
 from rich.table import Table
 from rich.text import Text
 
-from bonewatch.worker.cli._common import TableOrJson, cell, err, fail, out, settings_from
+from bonewatch.worker.cli._common import (
+    TableOrJson,
+    cell,
+    fail,
+    out,
+    progress_bar,
+    settings_from,
+)
 from bonewatch.worker.settings import Settings
 
 FormatOpt = Annotated[TableOrJson, typer.Option("--format", help="table or json.")]
@@ -134,16 +137,7 @@ def show_lines(r: dict[str, Any]) -> list[tuple[str, str]]:
 
 def run_progress() -> Progress:
     """The progress bar of a run: images finished of all, elapsed time and the run's ETA."""
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[eta]}"),
-        console=err,
-        transient=False,
-    )
+    return progress_bar(TextColumn("{task.fields[eta]}"))
 
 
 def progress_eta(report: dict[str, Any]) -> str:
