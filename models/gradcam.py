@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from bonewatch.ingest import DecodedImage, IngestError, read_image
+from bonewatch.ingest import DecodedImage, IngestError, PixelGrid, read_image
 from bonewatch.models.bundle import Bundle, BundleError, load_keras_model, onnx_file
 from bonewatch.models.cascade import run_cascade
 from bonewatch.models.datasets import Sample
@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 Box = tuple[int, int, int, int]
 # Phantom boxes are tight around the break; the localisation test allows 10 % more width and height.
 BOX_ENLARGEMENT = 0.10
+# Heatmap pictures (the worker's PNGs, `explain`, the Secondary Capture, report thumbnails) decode
+# JPEG 2000 and JPEG at the smallest level or scale whose long side still covers 1,024 px: this
+# is read_image's min_side, which covers twice it. A model's input needs less (twice its side).
+PICTURE_MIN_SIDE = 512
 # Where a heatmap comes from: "auto" (see heatmap_method), the ONNX graph, or Keras's gradient.
 HEATMAP_METHODS = ("auto", "onnx", "keras")
 
@@ -59,8 +63,9 @@ class Explanation:
     Attributes:
         part: The body part whose fracture model was explained.
         p_fracture: That model's probability for the image.
-        heatmap: float32 (H, W) in [0, 1] on the original image's pixel grid.
-        peak_xy: ``(x, y)`` of the heatmap's maximum, in original image pixels.
+        heatmap: float32 (H, W) in [0, 1] on the pixels explained (those of the file, or the
+            reduced ones a picture was decoded at).
+        peak_xy: ``(x, y)`` of the heatmap's maximum, in the file's own pixels.
         layer: The model layer the map was taken at.
         method: ``onnx`` (the export's class activation output) or ``keras`` (the gradient).
     """
@@ -271,19 +276,31 @@ def content_box(shape: tuple[int, int], size: int) -> tuple[int, int, int, int]:
     return (size - new_h) // 2, (size - new_w) // 2, new_h, new_w
 
 
-def cam_to_image(cam: np.ndarray, shape: tuple[int, int], size: int) -> np.ndarray:
-    """Bring a map from the model's feature grid back onto the original image's pixels."""
-    top, left, new_h, new_w = content_box(shape, size)
+def cam_to_image(
+    cam: np.ndarray, shape: tuple[int, int], size: int, full: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Bring a map from the model's feature grid back onto the image's pixels (``shape``).
+
+    ``full``: the file's own (rows, columns) when the pixels were decoded reduced; the model's
+    input was laid out from it (``fit_square`` through the grid)."""
+    top, left, new_h, new_w = content_box(full or shape, size)
     square = Image.fromarray(np.ascontiguousarray(cam, np.float32), mode="F")
     square = square.resize((size, size), Image.Resampling.BILINEAR)
     inside = square.crop((left, top, left + new_w, top + new_h))
-    full = inside.resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(full, np.float32), 0.0, 1.0)
+    on_image = inside.resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(on_image, np.float32), 0.0, 1.0)
 
 
-def _peak(heatmap: np.ndarray) -> tuple[int, int]:
+def _peak(heatmap: np.ndarray, full: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The map's maximum, ``(x, y)``; with ``full``, the file pixel under it (the centre of
+    the reduced pixel, scaled to the file's own grid)."""
     y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-    return int(x), int(y)
+    if full is None:
+        return int(x), int(y)
+    rows, columns = heatmap.shape
+    fx = min(full[1] - 1, int((x + 0.5) * full[1] / columns))
+    fy = min(full[0] - 1, int((y + 0.5) * full[0] / rows))
+    return fx, fy
 
 
 def explain_images(
@@ -294,12 +311,15 @@ def explain_images(
     layer: str | None = None,
     batch_size: int = 16,
     method: str = "auto",
+    grids: Sequence[PixelGrid | None] | None = None,
 ) -> list[Explanation]:
     """Grad-CAM of each image under the fracture model of its part, in batches per part.
 
     Args:
         images: Grey pixels (H, W) in [0, 1], as decoded.
         parts: For each image, the body part whose fracture model to explain.
+        grids: For each image, ``DecodedImage.grid`` (pixels decoded reduced are preprocessed
+            as the full image would be, and ``peak_xy`` is in the file's own pixels).
         bundle: The loaded bundle.
         layer: A Keras layer to explain (the ``keras`` method only); the last spatial one when
             None.
@@ -310,6 +330,10 @@ def explain_images(
     """
     if len(images) != len(parts):
         raise ValueError(f"{len(images)} images but {len(parts)} parts")
+    if grids is None:
+        grids = [None] * len(images)
+    elif len(grids) != len(images):
+        raise ValueError(f"{len(images)} images but {len(grids)} grids")
     unknown = sorted(set(parts) - set(bundle.fracture_models))
     if unknown:
         raise ValueError(f"the bundle has no fracture model for {unknown}")
@@ -324,15 +348,18 @@ def explain_images(
         spec = bundle.manifest.fracture[part].spec
         for start in range(0, len(index), batch_size):
             chunk = index[start : start + batch_size]
-            x = preprocess_batch([images[i] for i in chunk], spec)
+            x = preprocess_batch([images[i] for i in chunk], spec, [grids[i] for i in chunk])
             if chosen == "onnx":
                 cams, probs, used = onnx_cam_batch(bundle, part, x)
             else:
                 model = fracture_keras_model(bundle, part)
                 cams, probs, used = gradcam_batch(model, x, layer=layer)
             for i, cam, p in zip(chunk, cams, probs, strict=True):
-                heatmap = cam_to_image(cam, images[i].shape, spec.input_size)
-                out[i] = Explanation(part, float(p), heatmap, _peak(heatmap), used, chosen)
+                grid = grids[i]
+                full = (grid.rows, grid.columns) if grid is not None else None
+                heatmap = cam_to_image(cam, images[i].shape, spec.input_size, full)
+                peak = _peak(heatmap, full)
+                out[i] = Explanation(part, float(p), heatmap, peak, used, chosen)
     return [e for e in out if e is not None]
 
 

@@ -245,17 +245,18 @@ def confident_errors(scored: Sequence[Scored], n: int) -> tuple[list[StudyError]
 
 
 def _thumbnail(item: Scored, bundle: Bundle | None, salt: str) -> np.ndarray | None:
+    from bonewatch.models.gradcam import PICTURE_MIN_SIDE, explain_images, overlay_heatmap
+
     try:
-        pixels = read_image(item.sample.path, salt=salt).pixels
+        image = read_image(item.sample.path, salt=salt, min_side=PICTURE_MIN_SIDE)
     except (IngestError, OSError) as exc:
         log.warning("no thumbnail for %s: %s", item.sample.path, exc)
         return None
     if bundle is None or item.prediction is None:
-        return pixels
-    from bonewatch.models.gradcam import explain_images, overlay_heatmap
-
-    explanation = explain_images([pixels], [item.prediction.body_part], bundle)[0]
-    return overlay_heatmap(pixels, explanation.heatmap)
+        return image.pixels
+    part = item.prediction.body_part
+    explanation = explain_images([image.pixels], [part], bundle, grids=[image.grid])[0]
+    return overlay_heatmap(image.pixels, explanation.heatmap)
 
 
 def plot_errors(

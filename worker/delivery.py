@@ -196,13 +196,22 @@ def heatmap_picture(
     """The source's pixels with the part's Grad-CAM heatmap over them, captioned."""
     from bonewatch.ingest import read_image
     from bonewatch.models.gradcam import explain_images, overlay_heatmap
-    from bonewatch.worker.heatmaps import caption_lines, caption_warning, with_caption
+    from bonewatch.worker.heatmaps import (
+        caption_lines,
+        caption_warning,
+        picture_min_side,
+        with_caption,
+    )
 
     decoded = read_image(
-        path, salt="deliver", max_pixels=settings.max_pixels, max_bytes=settings.max_file_bytes
+        path,
+        salt="deliver",
+        max_pixels=settings.max_pixels,
+        max_bytes=settings.max_file_bytes,
+        min_side=picture_min_side(settings),
     )
     part = image.part.upper()
-    explanation = explain_images([decoded.pixels], [part], bundle)[0]
+    explanation = explain_images([decoded.pixels], [part], bundle, grids=[decoded.grid])[0]
     lines = caption_lines(bundle, part, image.p_fracture, image.threshold)
     warning = caption_warning(bundle)
     if warning:

@@ -103,6 +103,17 @@ def caption_warning(bundle: Bundle) -> str | None:
     return "NOT FOR CLINICAL USE - see the bundle's intended use"
 
 
+def picture_min_side(settings: Settings, input_size: int | None = None) -> int | None:
+    """``read_image``'s ``min_side`` for pixels a heatmap is drawn over (and, with
+    ``input_size``, that the models read too): JPEG 2000 and JPEG decode at the smallest scale
+    whose long side covers the picture's 1,024 px; None (in full) without reduced decoding."""
+    from bonewatch.models.gradcam import PICTURE_MIN_SIDE
+
+    if not settings.reduced_decode:
+        return None
+    return max(PICTURE_MIN_SIDE, input_size or 0)
+
+
 def heatmap_path(folder: Path, bundle: Bundle, image_id: int) -> Path:
     """Where the worker keeps an image's heatmap: one folder per bundle version."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{bundle.name}-{bundle.version}")
@@ -145,6 +156,7 @@ def store_heatmaps(
             [pred.body_part for _, _, pred in positives],
             bundle,
             batch_size=settings.batch_size,
+            grids=[image.grid for _, image, _ in positives],
         )
     except (MissingExtra, BundleError) as exc:  # this install or bundle cannot draw them
         key = f"{bundle.path}:{bundle.served_as}"
@@ -222,6 +234,7 @@ def explain_file(
         salt="explain",
         max_pixels=settings.max_pixels,
         max_bytes=settings.max_file_bytes,
+        min_side=picture_min_side(settings),
     )
     check_acceptance(image.meta)
     if part is None:
@@ -233,7 +246,7 @@ def explain_file(
     if part not in bundle.fracture_models:
         known = ", ".join(bundle.fracture_models)
         raise ValueError(f"the bundle has no fracture model for {part}; it has {known}")
-    explanation = explain_images([image.pixels], [part], bundle)[0]
+    explanation = explain_images([image.pixels], [part], bundle, grids=[image.grid])[0]
     threshold = bundle.manifest.fracture[part].threshold
     caption = caption_lines(bundle, part, explanation.p_fracture, threshold)
     picture = overlay_heatmap(image.pixels, explanation.heatmap)

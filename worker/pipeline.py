@@ -69,7 +69,7 @@ from bonewatch.models.cascade import (
 )
 from bonewatch.models.engines import InferenceThreads
 from bonewatch.models.preprocess import PreprocessSpec
-from bonewatch.worker.heatmaps import store_heatmaps
+from bonewatch.worker.heatmaps import picture_min_side, store_heatmaps
 from bonewatch.worker.quarantine import quarantine_finished
 from bonewatch.worker.settings import Settings
 from bonewatch.worker.window import BulkWindow, parse_window
@@ -511,9 +511,12 @@ def decode_claimed(
     budget = _PixelBudget(pixel_budget)
     input_size = max((spec.input_size for spec in specs), default=None)
     # JPEG 2000 and JPEG decode at the smallest scale covering twice the largest model input
-    # (their grids go with them to preprocessing); heatmaps are drawn over the file's own
-    # pixels, so they keep the full decode.
-    min_side = input_size if settings.reduced_decode and not settings.heatmaps else None
+    # (their grids go with them to preprocessing), or the heatmap picture's side when heatmaps
+    # are drawn over the same pixels.
+    if settings.heatmaps:
+        min_side = picture_min_side(settings, input_size)
+    else:
+        min_side = input_size if settings.reduced_decode else None
 
     def decode(item: ClaimedImage) -> tuple[ClaimedImage, object, float, list[Any], float]:
         t0 = time.perf_counter()

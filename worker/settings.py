@@ -109,7 +109,7 @@ class Settings(BaseSettings):
     reduced_decode: bool = Field(
         True,
         description="decode JPEG 2000 and JPEG at the smallest resolution covering twice the "
-        "model input (full decoding when heatmaps are on, or where the reduction fails)",
+        "model input, or 1,024 px for heatmap pictures (in full where the reduction fails)",
     )
     intra_op_threads: int = Field(
         0, ge=0, le=256, description="inference threads inside one op; 0 = one per core"

@@ -198,3 +198,36 @@ def test_other_syntaxes_and_png_are_unchanged(tmp_path):
 def test_reduced_decoding_is_on_by_default(monkeypatch):
     monkeypatch.delenv("BONEWATCH_REDUCED_DECODE", raising=False)
     assert Settings.resolve().reduced_decode is True
+
+
+def test_heatmap_pictures_decode_at_their_own_size_and_explain_as_in_full(tmp_path):
+    """explain and the Secondary Capture's picture decode a 2,400 px JPEG 2000 CR at 1/2 (the
+    smallest level covering 1,024 px), and say what the full decode says."""
+    from bonewatch.deliver.values import ImageOutcome
+    from bonewatch.models.bundle import load_bundle
+    from bonewatch.worker.delivery import heatmap_picture
+    from bonewatch.worker.heatmaps import explain_file
+
+    rng = np.random.default_rng(7)
+    path = _write_j2k(
+        tmp_path / "wrist.dcm",
+        draw_phantom("WRIST", fractured=True, rng=rng, size=2400).pixels,
+    )
+    bundle = load_bundle(DEMO, engine="onnx", precision="fp32")
+    full_settings = Settings(data_dir=tmp_path / "full", reduced_decode=False)
+    small_settings = Settings(data_dir=tmp_path / "small", reduced_decode=True)
+    full = explain_file(path, bundle, full_settings, out=tmp_path / "full.png", part="WRIST")
+    small = explain_file(path, bundle, small_settings, out=tmp_path / "small.png", part="WRIST")
+    with Image.open(full.heatmap) as a, Image.open(small.heatmap) as b:
+        full_size, small_size = a.size, b.size
+    # The picture is half the file's size on each side (the phantom is 2,400 px high).
+    assert full_size[1] == 2400 and small_size[1] == 1200, (full_size, small_size)
+    assert abs(2 * small_size[0] - full_size[0]) <= 1
+    assert abs(full.p_fracture - small.p_fracture) <= PARITY
+    # peak_xy stays in the file's own pixels, where the full decode puts it (within 2 %).
+    assert all(0 <= v < 2400 for v in small.peak_xy)
+    assert max(abs(a - b) for a, b in zip(full.peak_xy, small.peak_xy, strict=True)) <= 48
+    outcome = ImageOutcome("1.2.3", "1.2.840.10008.5.1.4.1.1.1", "WRIST", small.p_fracture, 0.5)
+    for settings, size in ((full_settings, full_size), (small_settings, small_size)):
+        picture = heatmap_picture(str(path), outcome, bundle, settings)
+        assert picture.shape == (size[1], size[0], 3)
