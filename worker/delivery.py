@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
+import stat
 import threading
 import time
 from collections import defaultdict
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import Engine
 
@@ -140,7 +143,9 @@ def build_study_objects(
     images: dict[str, outbox.ImageResultRow] = {}
     for row in result.images:
         images.setdefault(row.sop_instance_uid, row)
-    headers = {uid: read_header(source_file(row.path, settings)) for uid, row in images.items()}
+    headers = {
+        uid: read_header(source_file(row.path, settings, uid)) for uid, row in images.items()
+    }
     outcomes = {
         uid: ImageOutcome(
             uid, row.sop_class_uid, row.body_part or "", row.p_fracture, row.threshold
@@ -164,17 +169,19 @@ def build_study_objects(
         if not (sc_uid in only if only is not None else all_images or outcome.positive):
             continue
         # The image's place in the study, so a rebuilt object keeps its Instance Number.
-        path = source_file(images[uid].path, settings)
+        path = source_file(images[uid].path, settings, uid)
         picture = heatmap_picture(path, outcome, bundle, settings)
         sc = build_secondary_capture(headers[uid], picture, outcome, info, instance_number=n)
         out[str(sc.SOPInstanceUID)] = sc
     return out
 
 
-def source_file(stored: str, settings: Settings) -> str:
+def source_file(stored: str, settings: Settings, sop_instance_uid: str) -> str:
     """Where a source image is now: its recorded path, or, once ``watch --quarantine`` moved it
-    (the ledger keeps the original path), the same relative path under the inbox's ``done/``.
-    The builders check that the header read is the image's own."""
+    (the ledger keeps the original path), the same relative path under the inbox's ``done/``,
+    or the numbered name (``image1.1.dcm``) the move gave it where that name was taken; of
+    those, the file whose SOP Instance UID is the image's. The builders check that the header
+    read is the image's own."""
     from bonewatch.worker.pipeline import file_path
 
     path = file_path(stored, settings)
@@ -185,9 +192,44 @@ def source_file(stored: str, settings: Settings) -> str:
             moved = root / "done" / Path(path).relative_to(root)
         except ValueError:
             continue
-        if moved.is_file():
-            return str(moved)
+        for candidate in _moved_names(moved):
+            if _sop_instance_uid(candidate) == sop_instance_uid:
+                return str(candidate)
     return path
+
+
+# Numbered names looked at for one moved file: the quarantine's own limit is 10,000 tries.
+_MAX_MOVED_NAMES = 1000
+
+
+def _moved_names(moved: Path) -> list[Path]:
+    """``moved`` and the numbered names beside it (``stem.N.suffix``), in the move's order."""
+    names = [moved]
+    pattern = re.compile(re.escape(moved.stem) + r"\.([1-9][0-9]*)" + re.escape(moved.suffix))
+    try:
+        entries = list(os.scandir(moved.parent))
+    except OSError:
+        return names
+    numbered = []
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match:
+            numbered.append((int(match.group(1)), moved.parent / entry.name))
+    return names + [p for _, p in sorted(numbered)[:_MAX_MOVED_NAMES]]
+
+
+def _sop_instance_uid(path: Path) -> str | None:
+    """A regular file's SOP Instance UID, or None (not there, a link, not DICOM)."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        # Only the one element, and no large value read into memory on the way to it.
+        header = pydicom.dcmread(
+            path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"], defer_size=4096
+        )
+        return str(header.SOPInstanceUID)
+    except Exception:  # anything in done/ may be hostile: it just is not the file looked for
+        return None
 
 
 def heatmap_picture(

@@ -140,15 +140,21 @@ def _bundle_version(tmp_path: Path, version: str) -> Path:
     return copy
 
 
-def test_a_new_bundle_version_makes_new_objects_and_the_old_stay(
-    orthanc: Orthanc, tmp_path: Path
-) -> None:
+def _processed(orthanc: Orthanc, tmp_path: Path, studies: int, *, seed: int) -> dict[str, str]:
+    """``studies`` synthetic studies processed (and sent to ``orthanc``) at once; their env."""
     env = base_env(
         tmp_path / "data", dicom_destinations=orthanc.destination, study_stable_seconds="0"
     )
     inbox = tmp_path / "in"
-    synth(inbox, 2, env, seed=5)
+    synth(inbox, studies, env, seed=seed)
     assert run(["process", str(inbox)], env).returncode == 0
+    return env
+
+
+def test_a_new_bundle_version_makes_new_objects_and_the_old_stay(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    env = _processed(orthanc, tmp_path, 2, seed=5)
     first = {str(ds.SOPInstanceUID): ds for ds in orthanc.datasets(tmp_path / "v1")}
     assert first and status(env)["sent"] == len(first)
 
@@ -173,12 +179,7 @@ def test_a_new_bundle_version_makes_new_objects_and_the_old_stay(
 def test_all_images_sends_a_secondary_capture_of_every_image(
     orthanc: Orthanc, tmp_path: Path
 ) -> None:
-    env = base_env(
-        tmp_path / "data", dicom_destinations=orthanc.destination, study_stable_seconds="0"
-    )
-    inbox = tmp_path / "in"
-    synth(inbox, 4, env, seed=2)
-    assert run(["process", str(inbox)], env).returncode == 0
+    env = _processed(orthanc, tmp_path, 4, seed=2)
     labels = {
         str(r["sop_instance_uid"]): r["label"]
         for r in json.loads(run(["results", "--format", "json"], env).stdout)

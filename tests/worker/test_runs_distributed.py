@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
+from sqlalchemy import Engine
 
 from bonewatch.db import make_engine, upgrade
 from bonewatch.db.runs import cancel_run, get_run, pause_run
@@ -29,6 +31,7 @@ from tests.worker.test_distributed import Cluster, make_inbox
 pytestmark = pytest.mark.services
 
 REDIS_URL = "redis://127.0.0.1:6379/12"
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -59,6 +62,25 @@ def _claimed_when_stopped(cluster: Cluster) -> int:
     finish until the run resumes (nothing is claimed after it)."""
     c = cluster.counts()
     return sum(v for k, v in c.items() if k in ("done", "failed", "unsupported", "processing"))
+
+
+def _stop_mid_run(cluster: Cluster, n: int, stop: Callable[[Engine], T]) -> tuple[int, T]:
+    """Start a run of ``n`` images on one worker, ``stop`` it (pause or cancel) once it is under
+    way, and wait out the batch claimed then. Returns the most images that may finish (see
+    :func:`_claimed_when_stopped`) and what ``stop`` returned."""
+    archive = make_inbox(cluster.root, n, size=128)
+    cluster.worker("w1")
+    cluster.run("process", str(archive))
+    cluster.wait_for(lambda: cluster.finished() >= 10, "the run to be under way")
+    engine = make_engine(cluster.pg_url)
+    try:
+        outcome = stop(engine)
+    finally:
+        engine.dispose()
+    bound = _claimed_when_stopped(cluster)
+    cluster.wait_for(lambda: cluster.counts().get("processing", 0) == 0, "the claimed batch")
+    time.sleep(5)  # the worker meets the rest of the messages: each is dropped, claiming nothing
+    return bound, outcome
 
 
 def _report(cluster: Cluster, run_id: int) -> dict[str, object]:
@@ -101,18 +123,7 @@ def test_outside_the_window_workers_take_live_only_until_it_moves_to_now(cluster
 @pytest.mark.slow
 def test_pause_mid_run_then_resume_finishes_every_image_once(cluster):
     n = 300
-    archive = make_inbox(cluster.root, n, size=128)
-    cluster.worker("w1")
-    cluster.run("process", str(archive))
-    cluster.wait_for(lambda: cluster.finished() >= 10, "the run to be under way")
-    engine = make_engine(cluster.pg_url)
-    try:
-        pause_run(engine, 1, reason="PACS migration")
-    finally:
-        engine.dispose()
-    bound = _claimed_when_stopped(cluster)
-    cluster.wait_for(lambda: cluster.counts().get("processing", 0) == 0, "the claimed batch")
-    time.sleep(5)  # the worker meets the rest of the messages: each is dropped, claiming nothing
+    bound, _ = _stop_mid_run(cluster, n, lambda e: pause_run(e, 1, reason="PACS migration"))
     assert cluster.finished() <= bound < n, "images were claimed after the pause"
     assert cluster.query("SELECT count(*) FROM images WHERE status = 'queued'") == [
         (n - cluster.finished(),)
@@ -128,18 +139,7 @@ def test_pause_mid_run_then_resume_finishes_every_image_once(cluster):
 @pytest.mark.slow
 def test_cancel_mid_run_leaves_nothing_processed_after_it_but_the_claimed_batch(cluster):
     n = 300
-    archive = make_inbox(cluster.root, n, size=128)
-    cluster.worker("w1")
-    cluster.run("process", str(archive))
-    cluster.wait_for(lambda: cluster.finished() >= 10, "the run to be under way")
-    engine = make_engine(cluster.pg_url)
-    try:
-        outcome = cancel_run(engine, 1, reason="wrong folder")
-    finally:
-        engine.dispose()
-    bound = _claimed_when_stopped(cluster)
-    cluster.wait_for(lambda: cluster.counts().get("processing", 0) == 0, "the claimed batch")
-    time.sleep(5)
+    bound, outcome = _stop_mid_run(cluster, n, lambda e: cancel_run(e, 1, reason="wrong folder"))
     counts = cluster.counts()
     assert counts["done"] <= bound < n, "an image was processed after the cancel"
     assert counts["cancelled"] == outcome.cancelled == n - counts["done"]
