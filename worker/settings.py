@@ -132,6 +132,13 @@ class Settings(BaseSettings):
     malloc_arenas: int = Field(
         2, ge=0, le=1024, description="glibc malloc arenas of a serving process; 0 = glibc's own"
     )
+    blas_threads: int = Field(
+        1,
+        ge=0,
+        le=1024,
+        description="threads NumPy's BLAS may use in a serving process (each decode thread "
+        "resizes on its own); 0 = the library's default, one per core",
+    )
     warm_up: bool = Field(
         True, description="run every model once at start-up, before the first batch"
     )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import platform
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -160,3 +163,29 @@ def test_serving_processes_cap_their_malloc_arenas():
     assert limit_malloc_arenas(2) is glibc
     assert limit_malloc_arenas(0) is False  # 0 leaves glibc's own choice
     assert Settings().malloc_arenas == 2
+
+
+def test_serving_processes_give_numpys_blas_one_thread(tmp_path):
+    # In a process of its own: the cap holds for the whole process, as it does in a worker.
+    code = (
+        "import json\n"
+        "import numpy\n"
+        "from threadpoolctl import threadpool_info\n"
+        "from bonewatch.worker.pipeline import serving_bundle\n"
+        "from bonewatch.worker.settings import Settings\n"
+        "def blas():\n"
+        "    return [p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas']\n"
+        "before = blas()\n"
+        f"serving_bundle(Settings(data_dir={str(tmp_path)!r}, warm_up=False))\n"
+        "print(json.dumps([before, blas()]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BONEWATCH_", "OPENBLAS"))}
+    env.pop("OMP_NUM_THREADS", None)
+    env["BONEWATCH_PHI_SALT"] = "streams"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    before, after = json.loads(done.stdout.strip().splitlines()[-1])
+    assert before and after == [1] * len(before), (before, after)
+    assert Settings().blas_threads == 1
