@@ -63,12 +63,14 @@ def _on_detector(pixels: np.ndarray, px: int) -> np.ndarray:
 _ENCODER_LOCK = threading.Lock()
 
 
-def _write_one(path: Path, pixels: np.ndarray, input_format: str) -> None:
+def _write_one(path: Path, pixels: np.ndarray, input_format: str, seed: int) -> None:
     syntax = INPUT_FORMATS[input_format]
     if syntax is None:
         write_png(path, pixels)
         return
-    uid = str(path)
+    # UIDs of the set's own: a set written again with another seed (the distributed figure's
+    # fresh content on every run) is other instances, not duplicates in a shared ledger.
+    uid = f"{seed}:{path}"
     with _ENCODER_LOCK:
         write_dicom(
             path,
@@ -130,7 +132,7 @@ def write_phantoms(
         path = _phantom_path(folder, i, suffix)
         path.parent.mkdir(parents=True, exist_ok=True)
         pixels = draw(i) if distinct is None else _stamp(base[i % pool_size], i)
-        _write_one(path, pixels, input_format)
+        _write_one(path, pixels, input_format, seed)
         return path
 
     with ThreadPoolExecutor(workers) as pool:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import sys
 
+import pydicom
 import pytest
 from typer.testing import CliRunner
 
@@ -162,6 +163,19 @@ def test_phantoms_are_distinct_files_in_mura_layout(tmp_path):
     assert len({hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}) == 14
     parsed = [parse_mura_path(p) for p in paths]
     assert all(info is not None and info["mura_part"] for info in parsed)
+
+
+def test_dicom_phantoms_written_again_with_another_seed_are_other_instances(tmp_path):
+    # The distributed figure writes fresh phantoms into one shared ledger on every run: with
+    # the same UIDs they were all SOP duplicates of the run before.
+    def uids(folder, seed):
+        paths = write_phantoms(folder, 3, px=64, seed=seed, input_format="dicom")
+        return {str(pydicom.dcmread(p).SOPInstanceUID) for p in paths}
+
+    first = uids(tmp_path / "run", 1)
+    assert len(first) == 3
+    assert not first & uids(tmp_path / "run", 2)  # same paths, another seed
+    assert uids(tmp_path / "run", 1) == first  # the same set again is the same instances
 
 
 def test_child_peak_memory_is_its_own(tmp_path):
