@@ -143,7 +143,7 @@ def measure_distributed(
     warmup = work / "distributed-warmup"
     write_phantoms(warmup, 4, px=config.image_px, seed=run_seed, input_format=config.input_format)
     images = work / "distributed-images"
-    report(f"distributed: writing {count} phantom PNGs")
+    report(f"distributed: writing {count} phantoms ({config.input_format})")
     write_phantoms(
         images, count, px=config.image_px, seed=run_seed + 1, input_format=config.input_format
     )

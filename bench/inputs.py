@@ -1,4 +1,4 @@
-"""The bench's inputs: its work folder, phantom PNGs in MURA layout and small files."""
+"""The bench's inputs: its work folder, phantoms (PNG or DICOM) in MURA layout and small files."""
 
 from __future__ import annotations
 
