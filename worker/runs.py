@@ -70,6 +70,14 @@ def start_archive_run(engine: Engine, paths: Sequence[Path], settings: Settings)
     return create_run(engine, _new_run(settings, "archive", "bulk", shown))
 
 
+def start_archive_run_on(ledger: Engine, paths: Sequence[Path], settings: Settings) -> int:
+    """:func:`start_archive_run` on a ledger opened for it alone, disposed of afterwards."""
+    try:
+        return start_archive_run(ledger, paths, settings)
+    finally:
+        ledger.dispose()
+
+
 def watch_run(engine: Engine, inbox: Path, settings: Settings) -> int:
     """The one long-lived run of a watched folder (the same one after a restart)."""
     folder = str(inbox.absolute())

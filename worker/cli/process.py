@@ -104,13 +104,9 @@ def process(
     warn_if_not_clinical(settings)
     from bonewatch.ingest import counting_skips
     from bonewatch.worker.cli.runs import RunEta, run_progress
-    from bonewatch.worker.runs import start_archive_run
+    from bonewatch.worker.runs import start_archive_run_on
 
-    ledger = open_ledger(settings)
-    try:
-        run_id = start_archive_run(ledger, paths, settings)
-    finally:
-        ledger.dispose()
+    run_id = start_archive_run_on(open_ledger(settings), paths, settings)
     err.print(f"run {run_id}: `bonewatch runs show {run_id}` follows it from elsewhere")
     with run_progress() as progress, counting_skips() as walk:
         seen = progress.add_task("registering", total=None, eta="")
@@ -201,15 +197,11 @@ def _enqueue(paths: list[Path], settings: Settings, *, wait: bool) -> None:
     """``process`` in distributed mode: register, publish on ``bulk``, optionally follow."""
     from bonewatch.worker.distributed import DistributedError, Publisher, open_shared_ledger
     from bonewatch.worker.runner import process_paths
-    from bonewatch.worker.runs import start_archive_run
+    from bonewatch.worker.runs import start_archive_run_on
 
     try:
         publisher = Publisher(settings, "bulk")
-        ledger = open_shared_ledger(settings)
-        try:
-            run_id = start_archive_run(ledger, paths, settings)
-        finally:
-            ledger.dispose()
+        run_id = start_archive_run_on(open_shared_ledger(settings), paths, settings)
         err.print(f"run {run_id}: `bonewatch runs show {run_id}` follows it")
         with progress_bar() as progress:
             seen = progress.add_task("registering", total=None)
