@@ -32,7 +32,7 @@ demo: $(VENV)/.installed
 	$(BIN)/bonewatch results --level study
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 # mypy cannot follow setuptools' package-dir mapping, so it checks the installed layout through
 # a tree of links (build/typecheck/bonewatch/{ingest,models,...} -> the top-level folders).
