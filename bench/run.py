@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,14 @@ from bonewatch.models.bundle import (
     Bundle,
     BundleError,
     Manifest,
+    load_bundle,
     read_manifest,
     resolve_engine,
     resolve_precision,
     servable_engines,
 )
 from bonewatch.models.engines import (
+    AUTO,
     configure_tensorflow_threads,
     cpu_supports_bf16,
     default_streams,
@@ -111,7 +113,6 @@ def load_variants(
 ) -> tuple[dict[Variant, Bundle], list[str]]:
     """Each variant loaded here and warmed up; one whose load fails (OpenVINO's parity check
     against ONNX Runtime) is left out, with the reason."""
-    from bonewatch.models.bundle import load_bundle
 
     loaded, notes = {}, []
     for v in variants:
@@ -162,7 +163,18 @@ def run_bench(
         bundle_dir = bench_bundle(work.root, config, report)
         manifest = read_manifest(bundle_dir)
         engine = resolve_engine(manifest, config.engine)
-        chosen = Variant(engine, resolve_precision(manifest, engine, config.precision))
+        auto_trials: list[dict[str, Any]] = []
+        if config.precision == AUTO:  # as the worker chooses: measured here, now
+            report("auto: measuring stage 1 on each engine and precision")
+            served = load_bundle(
+                bundle_dir, engine=config.engine, precision=AUTO, threads=config.threads_for(engine)
+            )
+            auto_trials = [asdict(t) for t in served.trials]
+            chosen = Variant(served.engine, served.precision)
+            config = replace(config, engine=served.engine, precision=served.precision)
+        else:
+            chosen = Variant(engine, resolve_precision(manifest, engine, config.precision))
+        engine = chosen.engine
         variants, notes = variants_of(manifest, config, chosen)
         workers = config.distributed_workers
         if workers is None:  # as many as `bonewatch worker` starts
@@ -264,6 +276,8 @@ def run_bench(
     return {
         "engine": engine,
         "precision": chosen.precision,
+        # auto's measurement of stage 1 on each candidate (empty when --precision was given)
+        "auto_trials": auto_trials,
         "backbone": config.backbone,
         "input_size": config.input_size,
         "input": config.input_format,

@@ -37,6 +37,7 @@ from bonewatch.models.engines import (
     import_tensorflow,
     onnxruntime_available,
     openvino_available,
+    use_openvino_cache,
 )
 from bonewatch.models.extras import MissingExtra, require_train, train_available
 from bonewatch.models.preprocess import PreprocessSpec
@@ -160,6 +161,8 @@ class Bundle:
     fracture_models: dict[str, Predictor]
     engine: str = "keras"
     precision: str = "fp32"
+    # auto precision's measurement (models.choice.Trial), fastest first; empty when asked for.
+    trials: tuple[Any, ...] = ()
     _warm: set[int] = field(default_factory=set, compare=False, repr=False)
 
     @property
@@ -376,35 +379,80 @@ def resolve_precision(manifest: Manifest, engine: str, requested: str = AUTO) ->
     return requested
 
 
-# Largest |delta p| allowed at load between OpenVINO and ONNX Runtime on the same file's parity
-# inputs: fp32 must match; int8 kernels round differently; bf16 has 8 bits of mantissa (and
-# OpenVINO has reported bf16 errors on some AMD CPUs, which this check is there to catch).
-LOAD_PARITY = {"fp32": 1e-4, "int8": 0.02, "bf16": 0.05}
+# Largest |delta p| allowed at load between OpenVINO and ONNX Runtime fp32 on the same file's
+# parity inputs: fp32 must match; bf16 has 8 bits of mantissa (and OpenVINO has reported bf16
+# errors on some AMD CPUs, which this check is there to catch). int8 is held to the gap its
+# quantization recorded instead (:func:`int8_slack`).
+LOAD_PARITY = {"fp32": 1e-4, "bf16": 0.05}
+
+
+def role_check(
+    bundle_dir: Path, role: str, entry: ModelEntry, predictor: Predictor, precision: str
+) -> tuple[float, str | None]:
+    """One model's |delta p| on its parity inputs against its reference, and why it is not served
+    (None when it is within its limit).
+
+    int8 is compared with the fp32 model within :func:`int8_slack` of the gap ``bundle
+    quantize`` recorded: int8 kernels are not the same on every CPU (without VNNI, x86 integer
+    dot products can saturate), and the quantizing machine's record is the reference. fp32 and
+    bf16 on OpenVINO are compared with ONNX Runtime fp32 within :data:`LOAD_PARITY`.
+    """
+    from bonewatch.models.onnx_export import max_output_difference
+
+    x, ref = _reference(bundle_dir, entry)
+    gap = max_output_difference(predictor(x), ref)
+    if precision == "int8":
+        assert entry.int8 is not None  # resolve_precision has ruled this out
+        limit = int8_slack(entry.int8.max_abs_diff)
+        if gap > limit:
+            return gap, (
+                f"{role} in int8 on {predictor.engine} differs from fp32 by {gap:.3f} on this "
+                f"CPU, against {entry.int8.max_abs_diff:.3f} when it was quantized (limit "
+                f"{limit:.3f})"
+            )
+    elif gap > LOAD_PARITY[precision]:
+        return gap, (
+            f"{role} on {predictor.engine} in {precision} differs from ONNX Runtime by "
+            f"{gap:.2e} (more than {LOAD_PARITY[precision]:.0e})"
+        )
+    return gap, None
+
+
+# fp32 model sha256 -> its parity inputs and ONNX Runtime's outputs on them: the reference every
+# engine and precision of that model is checked against, computed once per process.
+_references: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+_references_lock = threading.Lock()
+
+
+def _reference(bundle_dir: Path, entry: ModelEntry) -> tuple[np.ndarray, np.ndarray]:
+    from bonewatch.models.onnx_export import parity_inputs
+
+    if entry.onnx is None:  # resolve_engine has ruled this out
+        raise BundleError(f"{entry.weights} has no ONNX export")
+    with _references_lock:
+        kept = _references.get(entry.onnx.sha256)
+        if kept is None:
+            x = parity_inputs(entry.spec)
+            ref = OnnxPredictor(onnx_file(bundle_dir, entry, "fp32"), InferenceThreads())(x)
+            kept = _references[entry.onnx.sha256] = (x, ref)
+        return kept
 
 
 def check_parity(
     bundle_dir: Path, manifest: Manifest, predictors: dict[str, Predictor], precision: str
 ) -> float:
-    """Largest |delta p| of ``predictors`` (one per role, as in :meth:`Manifest.models`) against
-    ONNX Runtime on the same role's parity inputs (int8 against int8, else against fp32).
+    """Largest :func:`role_check` gap of ``predictors`` (one per role, as in
+    :meth:`Manifest.models`).
 
     Raises:
-        BundleError: a model is over :data:`LOAD_PARITY` for ``precision``.
+        BundleError: a model is over its limit; the message says which and by how much.
     """
-    from bonewatch.models.onnx_export import max_output_difference, parity_inputs
-
-    reference = "int8" if precision == "int8" else "fp32"
     worst = 0.0
     for role, entry in manifest.models().items():
-        x = parity_inputs(entry.spec)
-        ref = OnnxPredictor(onnx_file(bundle_dir, entry, reference), InferenceThreads())(x)
-        gap = max_output_difference(predictors[role](x), ref)
+        gap, over = role_check(bundle_dir, role, entry, predictors[role], precision)
+        if over is not None:
+            raise BundleError(f"{over}; not served")
         worst = max(worst, gap)
-        if gap > LOAD_PARITY[precision]:
-            raise BundleError(
-                f"{role} on {predictors[role].engine} in {precision} differs from ONNX Runtime "
-                f"by {gap:.2e} (more than {LOAD_PARITY[precision]:.0e}); not served"
-            )
     return worst
 
 
@@ -412,35 +460,6 @@ def int8_slack(recorded: float) -> float:
     """How far this machine's int8 kernels may stray from fp32 on parity inputs, given the gap
     ``bundle quantize`` recorded: twice it, plus 0.01 for a different CPU's rounding."""
     return 2.0 * recorded + 0.01
-
-
-def check_int8(
-    bundle_dir: Path, manifest: Manifest, predictors: dict[str, Predictor]
-) -> tuple[float, str | None]:
-    """Largest |delta p| of the int8 ``predictors`` against the fp32 models on parity inputs,
-    and the first role over :func:`int8_slack` of its recorded gap (None when all are within).
-
-    Int8 kernels are not the same on every CPU: without VNNI, x86 integer dot products can
-    saturate, and a model quantized on one machine may then be far off on another. The record
-    of the quantizing machine is the reference, so such a CPU is found before it serves.
-    """
-    from bonewatch.models.onnx_export import max_output_difference, parity_inputs
-
-    worst, over = 0.0, None
-    for role, entry in manifest.models().items():
-        assert entry.int8 is not None  # resolve_precision has ruled this out
-        x = parity_inputs(entry.spec)
-        ref = OnnxPredictor(onnx_file(bundle_dir, entry, "fp32"), InferenceThreads())(x)
-        gap = max_output_difference(predictors[role](x), ref)
-        worst = max(worst, gap)
-        limit = int8_slack(entry.int8.max_abs_diff)
-        if gap > limit and over is None:
-            over = (
-                f"{role} in int8 on {predictors[role].engine} differs from fp32 by {gap:.3f} on "
-                f"this CPU, against {entry.int8.max_abs_diff:.3f} when it was quantized "
-                f"(limit {limit:.3f})"
-            )
-    return worst, over
 
 
 def servable_engines(manifest: Manifest) -> list[str]:
@@ -456,8 +475,8 @@ def servable_engines(manifest: Manifest) -> list[str]:
 
 
 _cache: dict[tuple[Path, str, str], Bundle] = {}
-# (bundle, engine) pairs whose int8 models failed check_int8 on this CPU: auto serves fp32.
-_int8_refused: set[tuple[Path, str]] = set()
+# (bundle, engine, precision) that failed their parity check on this CPU: auto passes them over.
+_refused: set[tuple[Path, str, str]] = set()
 _cache_lock = threading.Lock()
 
 
@@ -467,6 +486,10 @@ def bundle_digest(bundle_dir: str | Path) -> str:
     return sha256_of(Path(bundle_dir) / MANIFEST)
 
 
+class ParityRefused(BundleError):
+    """A model of the bundle is over its parity limit on this engine, precision and CPU."""
+
+
 def load_bundle(
     bundle_dir: str | Path,
     *,
@@ -474,18 +497,24 @@ def load_bundle(
     threads: InferenceThreads | None = None,
     digest: str | None = None,
     precision: str = "fp32",
+    choice_cache: Path | None = None,
 ) -> Bundle:
-    """Load a bundle once per process and engine; later calls return the same object.
+    """Load a bundle once per process, engine and precision; later calls return the same object.
 
     Args:
         bundle_dir: The bundle folder.
-        engine: ``keras``, ``onnx`` or ``auto`` (see :func:`resolve_engine`).
+        engine: ``keras``, ``onnx``, ``openvino`` or ``auto`` (see :func:`resolve_engine`).
         digest: The pinned :func:`bundle_digest`; another digest is refused.
-        precision: ``fp32``, ``int8``, ``bf16`` or ``auto`` (see :func:`resolve_precision`);
-            the library default is fp32, the worker's (``BONEWATCH_PRECISION``) auto.
+        precision: ``fp32``, ``int8``, ``bf16`` or ``auto``; the library default is fp32, the
+            worker's (``BONEWATCH_PRECISION``) auto. ``auto`` serves the fastest engine and
+            precision here that passes its parity check, by a short measurement of stage 1
+            (:mod:`bonewatch.models.choice`; ``engine`` limits the candidates).
         threads: The framework's thread pools. Given, they are applied before the first model
             loads (TensorFlow's are process-wide and fixed once it has started); None leaves
             TensorFlow's defaults and gives ONNX Runtime one thread per core.
+        choice_cache: The folder where ``auto``'s measurement is kept for the next process on
+            this host (``BONEWATCH_CACHE_DIR``), and OpenVINO's compiled models under
+            ``openvino/``; None measures and compiles in every process.
 
     Raises:
         BundleError: the folder is not a valid bundle, a checksum does not match, or the engine
@@ -499,57 +528,137 @@ def load_bundle(
             f"bundle {root} has digest {bundle_digest(root)}, but BONEWATCH_BUNDLE_SHA256 pins "
             f"{digest}; refusing to serve it"
         )
+    if choice_cache is not None and openvino_available():
+        use_openvino_cache(choice_cache / "openvino")
     with _cache_lock:
         manifest = read_manifest(root)
-        chosen = resolve_engine(manifest, engine)
-        numeric = resolve_precision(manifest, chosen, precision)
-        if numeric == "int8" and precision == AUTO and (root, chosen) in _int8_refused:
-            numeric = "fp32"  # this CPU's int8 kernels failed their check once already
-        cached = _cache.get((root, chosen, numeric))
-        if cached is not None:
-            return cached
-        if threads is not None:
-            threads = threads.for_engine(chosen)
-        if chosen in ONNX_ENGINES:
-            onnx_threads = threads or InferenceThreads()
-            stage1, fracture = _load_onnx_roles(root, manifest, onnx_threads, chosen, numeric)
+        if precision != AUTO:
+            chosen = resolve_engine(manifest, engine)
+            numeric = resolve_precision(manifest, chosen, precision)
+            cached = _cache.get((root, chosen, numeric))
+            if cached is not None:
+                return cached
+            try:
+                return _load_served(root, manifest, chosen, numeric, threads, ())
+            except ParityRefused as exc:
+                served = (
+                    "BONEWATCH_PRECISION=fp32" if numeric != "fp32" else "BONEWATCH_ENGINE=onnx"
+                )
+                raise BundleError(f"{exc} ({served} is)") from exc
+        trials = _auto_trials(root, manifest, engine, threads, choice_cache)
+        for trial in trials:
+            if trial.img_s is None and len(trials) > 1:
+                continue
+            cached = _cache.get((root, trial.engine, trial.precision))
+            if cached is not None:
+                return cached
+            try:
+                bundle = _load_served(
+                    root, manifest, trial.engine, trial.precision, threads, tuple(trials)
+                )
+            except ParityRefused as exc:
+                _refused.add((root, trial.engine, trial.precision))
+                log.warning("%s; serving the next fastest instead", exc)
+                continue
+            if len(trials) > 1:
+                from bonewatch.models.choice import describe
+
+                log.info(
+                    "auto chose %s, the fastest stage 1 here passing its parity check (images/s: "
+                    "%s)",
+                    bundle.served_as,
+                    describe(trials),
+                )
+            return bundle
+        raise BundleError(
+            f"no engine and precision here serves bundle {manifest.name}: "
+            + "; ".join(t.refused or t.served_as for t in trials)
+        )
+
+
+def _auto_trials(
+    root: Path,
+    manifest: Manifest,
+    engine: str,
+    threads: InferenceThreads | None,
+    cache_dir: Path | None,
+) -> list[Any]:
+    """The candidates of ``auto`` precision, fastest first: kept from an earlier measurement on
+    this host, measured now, or the one candidate there is."""
+    from bonewatch.models import choice
+
+    pairs = [pair for pair in choice.candidates(manifest, engine) if (root, *pair) not in _refused]
+    if not pairs:
+        raise BundleError(f"every engine and precision here failed its parity check on {root}")
+    if len(pairs) == 1:
+        return [choice.Trial(*pairs[0], None)]
+
+    def threads_of(name: str) -> InferenceThreads:
+        return (threads or InferenceThreads()).for_engine(name)
+
+    key = choice.cache_key(bundle_digest(root), pairs, threads_of)
+    kept = choice.kept_trials(cache_dir, key)
+    if kept is not None and {(t.engine, t.precision) for t in kept} == set(pairs):
+        log.info("engine choice kept from an earlier measurement in %s", cache_dir)
+        return kept
+    start = time.perf_counter()
+    trials = choice.measure(root, manifest, pairs, threads_of)
+    for trial in trials:
+        if trial.refused is not None:
+            log.warning("%s; %s is not served", trial.refused, trial.served_as)
+    log.info(
+        "measured %d engine and precision candidates in %.1f s: %s",
+        len(trials),
+        time.perf_counter() - start,
+        choice.describe(trials),
+    )
+    choice.keep_trials(cache_dir, key, trials)
+    return trials
+
+
+def _load_served(
+    root: Path,
+    manifest: Manifest,
+    chosen: str,
+    numeric: str,
+    threads: InferenceThreads | None,
+    trials: tuple[Any, ...],
+) -> Bundle:
+    """Every model of the bundle on ``chosen`` in ``numeric``, checked, cached and logged.
+
+    Raises:
+        ParityRefused: a model is over its parity limit (int8 against fp32, OpenVINO against
+            ONNX Runtime).
+    """
+    if threads is not None:
+        threads = threads.for_engine(chosen)
+    if chosen in ONNX_ENGINES:
+        stage1, fracture = _load_onnx_roles(
+            root, manifest, threads or InferenceThreads(), chosen, numeric
+        )
+        if numeric == "int8" or chosen == "openvino":
             roles = {"body_part": stage1}
             roles.update({f"fracture_{p.lower()}": m for p, m in fracture.items()})
-            if numeric == "int8":
-                gap, over = check_int8(root, manifest, roles)
-                if over is not None:
-                    _int8_refused.add((root, chosen))
-                    if precision != AUTO:
-                        raise BundleError(f"{over}; not served (BONEWATCH_PRECISION=fp32 is)")
-                    log.warning("%s; serving fp32 instead", over)
-                    numeric = "fp32"
-                    stage1, fracture = _load_onnx_roles(
-                        root, manifest, onnx_threads, chosen, numeric
-                    )
-                else:
-                    log.info("%s int8 against fp32 on this CPU: max |dp| %.1e", chosen, gap)
-            elif chosen == "openvino":
+            try:
                 gap = check_parity(root, manifest, roles, numeric)
-                log.info("openvino %s parity against ONNX Runtime: max |dp| %.1e", numeric, gap)
-        else:
-            if threads is not None:
-                configure_tensorflow_threads(threads)
-            per_pass = threads.forward_batch if threads is not None else 0
-            stage1 = KerasPredictor(load_keras_model(root, manifest.body_part), per_pass)
-            fracture = {
-                part: KerasPredictor(load_keras_model(root, manifest.fracture[part]), per_pass)
-                for part in manifest.parts()
-            }
-        bundle = Bundle(root, manifest, stage1, fracture, chosen, numeric)
-        _cache[(root, chosen, numeric)] = bundle
-        log.info(
-            "loaded bundle %s %s from %s on %s",
-            manifest.name,
-            manifest.version,
-            root,
-            bundle.served_as,
-        )
-        return bundle
+            except BundleError as exc:
+                raise ParityRefused(str(exc)) from exc
+            log.info("%s %s against fp32 on this CPU: max |dp| %.1e", chosen, numeric, gap)
+    else:
+        if threads is not None:
+            configure_tensorflow_threads(threads)
+        per_pass = threads.forward_batch if threads is not None else 0
+        stage1 = KerasPredictor(load_keras_model(root, manifest.body_part), per_pass)
+        fracture = {
+            part: KerasPredictor(load_keras_model(root, manifest.fracture[part]), per_pass)
+            for part in manifest.parts()
+        }
+    bundle = Bundle(root, manifest, stage1, fracture, chosen, numeric, trials)
+    _cache[(root, chosen, numeric)] = bundle
+    log.info(
+        "loaded bundle %s %s from %s on %s", manifest.name, manifest.version, root, bundle.served_as
+    )
+    return bundle
 
 
 def _load_onnx_roles(
@@ -570,7 +679,7 @@ def forget_bundle(bundle_dir: str | Path) -> None:
     with _cache_lock:
         for key in [k for k in _cache if k[0] == root]:
             del _cache[key]
-        _int8_refused.difference_update({k for k in _int8_refused if k[0] == root})
+        _refused.difference_update({k for k in _refused if k[0] == root})
 
 
 def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> Manifest:

@@ -9,6 +9,7 @@ Keras Grad-CAM. This module never imports them; it only asks whether they could 
 from __future__ import annotations
 
 import importlib.util
+from importlib.metadata import PackageNotFoundError, version
 
 TRAIN_EXTRA = "train"
 TRAIN_INSTALL = "pip install 'bonewatch[train]'"
@@ -47,4 +48,22 @@ def require_train(what: str) -> None:
         raise MissingExtra(what)
 
 
-__all__ = ["TRAIN_EXTRA", "TRAIN_INSTALL", "MissingExtra", "require_train", "train_available"]
+def installed_versions(*packages: str) -> dict[str, str]:
+    """The installed version of each of ``packages`` that is installed."""
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+__all__ = [
+    "TRAIN_EXTRA",
+    "TRAIN_INSTALL",
+    "MissingExtra",
+    "installed_versions",
+    "require_train",
+    "train_available",
+]

@@ -19,7 +19,6 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from bonewatch.models.bundle import (
     write_manifest,
 )
 from bonewatch.models.engines import InferenceThreads, OnnxPredictor
+from bonewatch.models.extras import installed_versions
 from bonewatch.models.phantoms import OTHER_REGIONS, PARTS, draw_phantom
 from bonewatch.models.preprocess import PreprocessSpec, preprocess_batch
 
@@ -222,16 +222,6 @@ def compare_cascades(
     }
 
 
-def _library_versions() -> dict[str, str]:
-    versions = {}
-    for package in ("onnx", "onnxruntime"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            continue
-    return versions
-
-
 def quantize_bundle(
     bundle_dir: str | Path,
     *,
@@ -370,7 +360,7 @@ def quantize_bundle(
             "body_part_accuracy": tolerance_accuracy,
         },
         **comparison,
-        "library_versions": _library_versions(),
+        "library_versions": installed_versions("onnx", "onnxruntime"),
     }
     updated = write_manifest(root, data)
     forget_bundle(root)

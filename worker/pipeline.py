@@ -146,6 +146,7 @@ def serving_bundle(settings: Settings) -> Bundle:
         threads=serving_threads(settings),
         digest=settings.bundle_sha256,
         precision=settings.precision,
+        choice_cache=settings.resolved_cache_dir(),
     )
     log.info("serving %s on %s", bundle.name, bundle.served_as)
     if settings.warm_up:

@@ -98,13 +98,20 @@ class Settings(BaseSettings):
     )
     engine: Literal["auto", "keras", "onnx", "openvino"] = Field(
         "auto",
-        description="inference engine; auto = onnx when the bundle has ONNX models; openvino "
-        "runs the same ONNX files after a parity check against ONNX Runtime at load",
+        description="inference engine; auto = onnx or openvino, whichever BONEWATCH_PRECISION="
+        "auto measures faster (onnx for a set precision), keras for a bundle without ONNX "
+        "models; openvino runs the same ONNX files after a parity check against ONNX Runtime",
     )
     precision: Literal["auto", "fp32", "int8", "bf16"] = Field(
         "auto",
-        description="numeric precision; auto = int8 when the bundle has int8 models (`bundle "
-        "quantize`), else fp32; bf16 on openvino only, where the CPU has it, after a parity check",
+        description="numeric precision; auto = the fastest engine and precision here (among "
+        "those BONEWATCH_ENGINE allows) that passes its parity check, by a short measurement "
+        "at load; bf16 on openvino only, where the CPU has it",
+    )
+    cache_dir: Path | None = Field(
+        None,
+        description="where auto's measurement is kept for the next start on this host; "
+        "default $XDG_CACHE_HOME/bonewatch or ~/.cache/bonewatch",
     )
     reduced_decode: bool = Field(
         True,
@@ -279,6 +286,11 @@ class Settings(BaseSettings):
     @property
     def umask_bits(self) -> int:
         return int(self.umask, 8)
+
+    def resolved_cache_dir(self) -> Path:
+        from bonewatch.models.choice import default_cache_dir
+
+        return self.cache_dir or default_cache_dir()
 
     @property
     def resolved_heatmap_dir(self) -> Path:

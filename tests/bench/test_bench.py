@@ -65,7 +65,7 @@ def _bench(tmp_path, *extra: str) -> dict:
 def test_bench_reports_every_figure(tmp_path):
     report = _bench(tmp_path, "--repeats", "2")
     assert set(REPORT_KEYS) <= set(report)
-    assert report["engine"] in ("keras", "onnx")
+    assert report["engine"] in ("onnx", "openvino")
     assert report["input"] == "png" and report["image_px"] == 160
     for key in (
         "bare_img_s",
@@ -81,8 +81,12 @@ def test_bench_reports_every_figure(tmp_path):
         assert isinstance(report[key], float) and report[key] > 0, key
     assert report["distributed_img_s"] is None and report["distributed_runs_img_s"] == []
     assert "skipped" in report["distributed_note"]
-    # The bench bundle carries int8 models, so the worker's auto precision serves them.
-    assert report["precision"] == "int8"
+    # The chosen engine and precision are the worker's auto: the fastest stage 1 measured here
+    # among every ONNX engine and precision that passed its parity check.
+    trials = report["auto_trials"]
+    served = [t for t in trials if t["img_s"] is not None]
+    assert (report["engine"], report["precision"]) == (served[0]["engine"], served[0]["precision"])
+    assert [t["img_s"] for t in served] == sorted((t["img_s"] for t in served), reverse=True)
     rows = {(r["engine"], r["precision"]): r for r in report["by_engine_precision"]}
     expected = {("keras", "fp32"), ("onnx", "fp32"), ("onnx", "int8")}
     if openvino_available():
@@ -92,6 +96,7 @@ def test_bench_reports_every_figure(tmp_path):
     else:
         assert any("bf16" in note for note in report["precision_notes"])
     assert expected <= set(rows)
+    assert {(t["engine"], t["precision"]) for t in trials} == expected - {("keras", "fp32")}
     for (engine, precision), row in rows.items():
         assert row["bare_img_s"] > 0 and row["embedded_img_s"] > 0, (engine, precision)
         # Every variant went through `bonewatch process`, twice; the figures are medians.

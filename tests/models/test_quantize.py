@@ -78,7 +78,9 @@ def test_quantize_adds_int8_models_and_records_the_changes(fp32_bundle, tmp_path
     assert recorded["delta"] == comparison["delta"]
     assert recorded["heldout"]["source"] == "phantoms, seed 90210"
     assert recorded["heldout"]["n_images"] == len(load_dataset(heldout))
-    assert load_bundle(root, engine="onnx", precision="auto").precision == "int8"
+    assert load_bundle(root, engine="onnx", precision="int8").precision == "int8"
+    auto = load_bundle(root, engine="onnx", precision="auto")
+    assert "onnx/int8" in {t.served_as for t in auto.trials if t.img_s}  # a candidate now
     assert load_bundle(root, engine="onnx", precision="fp32").precision == "fp32"
 
 
@@ -155,14 +157,16 @@ def test_int8_that_strays_on_this_cpu_is_never_served(fp32_bundle, tmp_path, mon
         tolerance_accuracy=1.0,
     )
     forget_bundle(root)
-    assert load_bundle(root, engine="onnx", precision="auto").served_as == "onnx/int8"
+    served = load_bundle(root, engine="onnx", precision="auto")
+    assert {t.served_as for t in served.trials if t.img_s} == {"onnx/int8", "onnx/fp32"}
 
     forget_bundle(root)
     monkeypatch.setattr(bundle_module, "int8_slack", lambda recorded: -1.0)  # every gap over
     with caplog.at_level("WARNING", logger="bonewatch.models.bundle"):
         served = load_bundle(root, engine="onnx", precision="auto")
     assert served.served_as == "onnx/fp32"
-    assert "differs from fp32" in caplog.text and "serving fp32 instead" in caplog.text
+    assert "differs from fp32" in caplog.text and "onnx/int8 is not served" in caplog.text
+    assert [t.refused is not None for t in served.trials] == [False, True]
     forget_bundle(root)
     with pytest.raises(BundleError, match=r"differs from fp32 .* not served"):
         load_bundle(root, engine="onnx", precision="int8")
@@ -246,3 +250,70 @@ def test_the_calibration_reader_rewinds_to_the_first_image():
     reader.rewind()
     again = reader.get_next()
     assert again is not None and np.array_equal(again["x"], first[0]["x"])
+
+
+# --- auto precision: the fastest candidate here that passes its parity check ----------------
+
+
+def test_auto_serves_the_fastest_candidate_here_and_keeps_the_measurement(tmp_path, caplog):
+    from bonewatch.models import choice
+
+    forget_bundle(DEMO)
+    cache = tmp_path / "cache"
+    with caplog.at_level("INFO", logger="bonewatch.models.bundle"):
+        bundle = load_bundle(DEMO, precision="auto", choice_cache=cache)
+    trials = list(bundle.trials)
+    print("auto on the demo bundle:", choice.describe(trials), "->", bundle.served_as)
+    expected = set(choice.candidates(read_manifest(DEMO), "auto"))
+    assert {(t.engine, t.precision) for t in trials} == expected
+    assert ("onnx", "int8") in expected and ("onnx", "fp32") in expected
+    rates = [t.img_s for t in trials if t.img_s is not None]
+    assert rates == sorted(rates, reverse=True) and rates[0] > 0
+    assert bundle.served_as == trials[0].served_as  # the fastest that passed
+    assert f"auto chose {bundle.served_as}" in caplog.text
+
+    kept = json.loads((cache / choice.CACHE_FILE).read_text())
+    assert [t["img_s"] for t in next(iter(kept.values()))["trials"]] == [t.img_s for t in trials]
+    forget_bundle(DEMO)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="bonewatch.models.bundle"):
+        again = load_bundle(DEMO, precision="auto", choice_cache=cache)
+    assert "kept from an earlier measurement" in caplog.text
+    assert again.served_as == bundle.served_as and list(again.trials) == trials
+    forget_bundle(DEMO)
+
+
+def test_auto_never_serves_a_candidate_whose_parity_check_failed(tmp_path, monkeypatch):
+    from bonewatch.models import bundle as bundle_module
+
+    forget_bundle(DEMO)
+    monkeypatch.setattr(bundle_module, "int8_slack", lambda recorded: -1.0)  # every int8 over
+    bundle = load_bundle(DEMO, precision="auto", choice_cache=tmp_path)
+    assert bundle.precision != "int8"
+    refused = [t for t in bundle.trials if t.refused is not None]
+    assert {t.precision for t in refused} == {"int8"} and len(refused) >= 1
+    assert all("differs from fp32" in t.refused for t in refused)
+    assert bundle.trials[-len(refused) :] == tuple(refused)  # ranked after every served one
+    forget_bundle(DEMO)
+
+
+def test_the_choice_is_measured_again_on_other_threads():
+    from bonewatch.models.choice import cache_key
+
+    pairs = [("onnx", "fp32"), ("onnx", "int8")]
+    one = cache_key("d" * 64, pairs, lambda e: InferenceThreads(streams=1))
+    two = cache_key("d" * 64, pairs, lambda e: InferenceThreads(streams=2))
+    other_bundle = cache_key("e" * 64, pairs, lambda e: InferenceThreads(streams=1))
+    assert len({one, two, other_bundle}) == 3
+    assert one == cache_key("d" * 64, pairs, lambda e: InferenceThreads(streams=1))
+
+
+def test_openvino_runs_each_inference_stream_on_its_own_cores():
+    """Compiled with one stream of one thread, two inference streams took turns on one core."""
+    pytest.importorskip("openvino")
+    from bonewatch.models.engines import OpenVinoPredictor
+
+    entry = read_manifest(DEMO).body_part
+    predictor = OpenVinoPredictor(DEMO / entry.onnx.file, InferenceThreads(1, streams=2))
+    assert int(predictor.compiled.get_property("NUM_STREAMS")) == 2
+    assert int(predictor.compiled.get_property("INFERENCE_NUM_THREADS")) == 2
