@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -550,8 +550,8 @@ def load_bundle(
             if trial.img_s is None and len(trials) > 1:
                 continue
             cached = _cache.get((root, trial.engine, trial.precision))
-            if cached is not None:
-                return cached
+            if cached is not None:  # loaded before, perhaps asked for by name: same models
+                return replace(cached, trials=tuple(trials)) if not cached.trials else cached
             try:
                 bundle = _load_served(
                     root, manifest, trial.engine, trial.precision, threads, tuple(trials)

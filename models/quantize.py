@@ -131,7 +131,7 @@ class _Reader:
         self._rows = iter(self._all)
 
 
-def quantize_model(fp32: Path, out: Path, x: np.ndarray) -> None:
+def quantize_model(fp32: Path, out: Path, x: np.ndarray, *, reduce_range: bool = True) -> None:
     """Write the int8 QDQ (per-channel, S8S8) model of ``fp32`` calibrated on inputs ``x``.
 
     Weights are quantized to 7 bits (``reduce_range``): x86 CPUs without VNNI compute int8 dot
@@ -166,7 +166,7 @@ def quantize_model(fp32: Path, out: Path, x: np.ndarray) -> None:
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
-            reduce_range=True,
+            reduce_range=reduce_range,
         )
 
 

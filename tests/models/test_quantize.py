@@ -317,3 +317,5 @@ def test_openvino_runs_each_inference_stream_on_its_own_cores():
     predictor = OpenVinoPredictor(DEMO / entry.onnx.file, InferenceThreads(1, streams=2))
     assert int(predictor.compiled.get_property("NUM_STREAMS")) == 2
     assert int(predictor.compiled.get_property("INFERENCE_NUM_THREADS")) == 2
+    # the decode threads share these cores: OpenVINO's threads are not pinned to them
+    assert str(predictor.compiled.get_property("ENABLE_CPU_PINNING")) in ("False", "false", "0")
