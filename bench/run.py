@@ -7,12 +7,14 @@ alike.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ from bonewatch.models.engines import (
     openvino_available,
 )
 from bonewatch.models.preprocess import preprocess_batch
+from bonewatch.worker.pipeline import decoding_pool
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ REPORT_KEYS = (
     "embedded_vs_seed_style",
     "precision",
     "decode_img_s",
+    "decode_processes_img_s",
     "by_engine_precision",
     "int8_vs_fp32_embedded",
     "peak_rss_mb",
@@ -64,7 +68,7 @@ REPORT_KEYS = (
 )
 
 
-# Files the decode figure reads (twice: as the worker decodes, and in full).
+# Files the decode figures read (as the worker decodes, in threads and in processes, and in full).
 DECODE_MAX_IMAGES = 64
 
 
@@ -131,15 +135,24 @@ def load_variants(
     return loaded, notes
 
 
-def measure_decode(files: list[Path], min_side: int | None, workers: int) -> float:
-    """Images per second decoded on ``workers`` threads, as the worker decodes them (with
-    ``min_side``: JPEG 2000 and JPEG at the smallest scale covering twice it)."""
-    read_image(files[0], salt=BENCH_SALT, min_side=min_side)  # first of its size: weights
-    start = time.perf_counter()
-    with ThreadPoolExecutor(workers, thread_name_prefix="bench-decode") as pool:
-        for _ in pool.map(lambda p: read_image(p, salt=BENCH_SALT, min_side=min_side), files):
+def measure_decode(
+    files: list[Path], min_side: int | None, workers: int, *, processes: bool = False
+) -> float:
+    """Images per second decoded on ``workers`` threads (or, with ``processes``, in that many
+    decoding processes, the pixels sent back), as the worker decodes them (with ``min_side``:
+    JPEG 2000 and JPEG at the smallest scale covering twice it)."""
+    decode = partial(read_image, salt=BENCH_SALT, min_side=min_side)
+    with contextlib.ExitStack() as stack:
+        if processes:
+            pool: Executor = stack.enter_context(decoding_pool(workers))
+            list(pool.map(decode, files[:workers]))  # started, and the first of its size seen
+        else:
+            pool = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="bench"))
+            decode(files[0])  # first of its size: weights
+        start = time.perf_counter()
+        for _ in pool.map(decode, files):
             pass
-    return len(files) / (time.perf_counter() - start)
+        return len(files) / (time.perf_counter() - start)
 
 
 def run_bench(
@@ -190,6 +203,9 @@ def run_bench(
         decode_img_s = measure_decode(decode_files, min_side, config.decode_workers)
         decoded_px = max(read_image(files[0], salt=BENCH_SALT, min_side=min_side).pixels.shape)
         decode_full_img_s = measure_decode(decode_files, None, config.decode_workers)
+        decode_processes_img_s = measure_decode(
+            decode_files, min_side, config.decode_workers, processes=True
+        )
 
         report(f"registration: {config.register_files} small files")
         shutil.rmtree(work.root / "small-files", ignore_errors=True)
@@ -292,6 +308,7 @@ def run_bench(
         "repeats": config.repeats,
         "decode_img_s": rounded(decode_img_s),
         "decode_full_img_s": rounded(decode_full_img_s),
+        "decode_processes_img_s": rounded(decode_processes_img_s),
         "decode_min_side": min_side,
         "decoded_px": decoded_px,  # the long side the worker decodes a file at
         "bare_img_s": rounded(bare_img_s),

@@ -521,13 +521,16 @@ def load_bundle(
             cannot serve it.
     """
     root = Path(bundle_dir).resolve()
-    if digest is not None and (root / MANIFEST).is_file() and bundle_digest(root) != digest:
-        # The manifest's checksums prove the weights match the manifest, not where the bundle
-        # came from; a pinned digest proves it is the bundle that was approved.
-        raise BundleError(
-            f"bundle {root} has digest {bundle_digest(root)}, but BONEWATCH_BUNDLE_SHA256 pins "
-            f"{digest}; refusing to serve it"
-        )
+    actual = None
+    if digest is not None and (root / MANIFEST).is_file():
+        actual = bundle_digest(root)
+        if actual != digest:
+            # The manifest's checksums prove the weights match the manifest, not where the
+            # bundle came from; a pinned digest proves it is the bundle that was approved.
+            raise BundleError(
+                f"bundle {root} has digest {actual}, but BONEWATCH_BUNDLE_SHA256 pins "
+                f"{digest}; refusing to serve it"
+            )
     if choice_cache is not None and openvino_available():
         use_openvino_cache(choice_cache / "openvino")
     with _cache_lock:
@@ -539,13 +542,14 @@ def load_bundle(
             if cached is not None:
                 return cached
             try:
-                return _load_served(root, manifest, chosen, numeric, threads, ())
+                return _load_served(root, manifest, chosen, numeric, threads)
             except ParityRefused as exc:
                 served = (
                     "BONEWATCH_PRECISION=fp32" if numeric != "fp32" else "BONEWATCH_ENGINE=onnx"
                 )
                 raise BundleError(f"{exc} ({served} is)") from exc
-        trials = _auto_trials(root, manifest, engine, threads, choice_cache)
+        measured: dict[tuple[str, str], Predictor] = {}  # the fastest one's stage 1
+        trials = _auto_trials(root, manifest, engine, threads, choice_cache, actual, measured)
         for trial in trials:
             if trial.img_s is None and len(trials) > 1:
                 continue
@@ -554,7 +558,13 @@ def load_bundle(
                 return replace(cached, trials=tuple(trials)) if not cached.trials else cached
             try:
                 bundle = _load_served(
-                    root, manifest, trial.engine, trial.precision, threads, tuple(trials)
+                    root,
+                    manifest,
+                    trial.engine,
+                    trial.precision,
+                    threads,
+                    tuple(trials),
+                    stage1=measured.pop((trial.engine, trial.precision), None),
                 )
             except ParityRefused as exc:
                 _refused.add((root, trial.engine, trial.precision))
@@ -582,9 +592,12 @@ def _auto_trials(
     engine: str,
     threads: InferenceThreads | None,
     cache_dir: Path | None,
+    digest: str | None = None,
+    fastest: dict[tuple[str, str], Predictor] | None = None,
 ) -> list[Any]:
     """The candidates of ``auto`` precision, fastest first: kept from an earlier measurement on
-    this host, measured now, or the one candidate there is."""
+    this host, measured now (``fastest`` then holds the fastest one's stage-1 predictor), or
+    the one candidate there is. ``digest``: the bundle's, where it was computed already."""
     from bonewatch.models import choice
 
     pairs = [pair for pair in choice.candidates(manifest, engine) if (root, *pair) not in _refused]
@@ -596,13 +609,14 @@ def _auto_trials(
     def threads_of(name: str) -> InferenceThreads:
         return (threads or InferenceThreads()).for_engine(name)
 
-    key = choice.cache_key(bundle_digest(root), pairs, threads_of)
+    key = choice.cache_key(digest or bundle_digest(root), pairs, threads_of)
     kept = choice.kept_trials(cache_dir, key)
     if kept is not None and {(t.engine, t.precision) for t in kept} == set(pairs):
         log.info("engine choice kept from an earlier measurement in %s", cache_dir)
         return kept
     start = time.perf_counter()
-    trials = choice.measure(root, manifest, pairs, threads_of)
+    # Without threads, serving compiles for other streams than the measurement: not handed over.
+    trials = choice.measure(root, manifest, pairs, threads_of, fastest if threads else None)
     for trial in trials:
         if trial.refused is not None:
             log.warning("%s; %s is not served", trial.refused, trial.served_as)
@@ -622,9 +636,12 @@ def _load_served(
     chosen: str,
     numeric: str,
     threads: InferenceThreads | None,
-    trials: tuple[Any, ...],
+    trials: tuple[Any, ...] = (),
+    *,
+    stage1: Predictor | None = None,
 ) -> Bundle:
-    """Every model of the bundle on ``chosen`` in ``numeric``, checked, cached and logged.
+    """Every model of the bundle on ``chosen`` in ``numeric``, checked, cached and logged;
+    ``stage1``: its stage-1 predictor, already loaded on them (by ``auto``'s measurement).
 
     Raises:
         ParityRefused: a model is over its parity limit (int8 against fp32, OpenVINO against
@@ -634,7 +651,7 @@ def _load_served(
         threads = threads.for_engine(chosen)
     if chosen in ONNX_ENGINES:
         stage1, fracture = _load_onnx_roles(
-            root, manifest, threads or InferenceThreads(), chosen, numeric
+            root, manifest, threads or InferenceThreads(), chosen, numeric, stage1
         )
         if numeric == "int8" or chosen == "openvino":
             roles = {"body_part": stage1}
@@ -662,10 +679,17 @@ def _load_served(
 
 
 def _load_onnx_roles(
-    root: Path, manifest: Manifest, threads: InferenceThreads, engine: str, precision: str
+    root: Path,
+    manifest: Manifest,
+    threads: InferenceThreads,
+    engine: str,
+    precision: str,
+    stage1: Predictor | None = None,
 ) -> tuple[Predictor, dict[str, Predictor]]:
-    """Stage 1 and every fracture model of ``manifest`` on an ONNX engine."""
-    stage1 = _load_onnx(root, manifest.body_part, threads, engine, precision)
+    """Stage 1 (unless given, loaded already) and every fracture model of ``manifest`` on an
+    ONNX engine."""
+    if stage1 is None:
+        stage1 = _load_onnx(root, manifest.body_part, threads, engine, precision)
     fracture = {
         part: _load_onnx(root, manifest.fracture[part], threads, engine, precision)
         for part in manifest.parts()

@@ -226,13 +226,19 @@ def measure(
     manifest: Any,
     pairs: list[tuple[str, str]],
     threads: Callable[[str], InferenceThreads],
+    fastest: dict[tuple[str, str], Any] | None = None,
 ) -> list[Trial]:
     """Every candidate's stage-1 parity check and images per second, fastest first; refused
-    ones last, with the reason."""
+    ones last, with the reason.
+
+    With ``fastest``, the fastest candidate's stage-1 predictor is left in it under its
+    (engine, precision), so that serving it does not load and compile the model again.
+    """
     from bonewatch.models.bundle import BundleError, _load_onnx, role_check
 
     entry = manifest.body_part
     trials = []
+    best = 0.0
     for engine, precision in pairs:
         try:
             predictor = _load_onnx(root, entry, threads(engine), engine, precision)
@@ -244,6 +250,10 @@ def measure(
             continue
         rate = stage1_rate(predictor, entry.spec, threads(engine).streams)
         trials.append(Trial(engine, precision, round(rate, 2)))
+        if fastest is not None and round(rate, 2) > best:
+            best = round(rate, 2)
+            fastest.clear()  # the slower one's model is freed
+            fastest[(engine, precision)] = predictor
         del predictor
     return ranked(trials)
 

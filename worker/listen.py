@@ -24,7 +24,13 @@ from sqlalchemy import Engine
 
 from bonewatch.db import count_by_status, mark_stable_studies
 from bonewatch.ingest.listener import ListenerConfig, Received, StorageListener, TLSFiles
-from bonewatch.worker.pipeline import Pipeline, recover_leases, register_paths, serving_bundle
+from bonewatch.worker.pipeline import (
+    Pipeline,
+    recover_leases,
+    register_paths,
+    serving_bundle,
+    serving_pipeline,
+)
 from bonewatch.worker.runner import drain, enqueue_ledger, open_ledger
 from bonewatch.worker.settings import Settings
 
@@ -188,8 +194,8 @@ def listen(
         ThreadPoolExecutor(
             settings.dicom_max_associations, thread_name_prefix="bonewatch-register"
         ) as registrar,
+        serving_pipeline(settings, engine, pool, bundle) as pipeline,
     ):
-        pipeline = None if bundle is None else Pipeline.open(settings, engine, pool, bundle)
         if pipeline is not None:  # results back to PACS, in a thread of their own
             from bonewatch.worker.delivery import start_sender
 

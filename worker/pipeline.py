@@ -17,9 +17,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -497,7 +498,7 @@ class _PixelBudget:
             if image.pixels.nbytes <= self._left:
                 self._left -= image.pixels.nbytes
                 return image
-        return replace(image, pixels=downscale(image.pixels, _COMPACT_SIDE), grid=None)
+        return _compact(image)
 
 
 def _io_reason(exc: object) -> str:
@@ -507,38 +508,41 @@ def _io_reason(exc: object) -> str:
     return f"{type(exc).__name__}: {without_values(str(exc))}"
 
 
-def decode_claimed(
-    claimed: Sequence[ClaimedImage],
-    settings: Settings,
-    pool: Executor,
-    *,
-    specs: Sequence[PreprocessSpec] = (),
-    pixel_budget: int = DECODE_PIXEL_BUDGET,
-) -> DecodedBatch:
-    """Decode claimed files in ``pool``; bad files become failures, I/O errors transient.
+@dataclass(frozen=True)
+class ImageDecoder:
+    """How a serving process decodes a claimed file: its limits, the reduced-decode side and
+    the bundle's model inputs. Picklable, so decoding processes run the same code."""
 
-    With ``specs`` (:func:`models.cascade.input_specs` of the bundle), each decoded image is also
-    preprocessed for them in the pool, so that work overlaps the previous batch's inference.
+    salt: str
+    max_pixels: int
+    max_bytes: int
+    min_side: int | None
+    input_size: int | None
+    specs: tuple[PreprocessSpec, ...] = ()
 
-    The batch keeps at most ``pixel_budget`` bytes of decoded pixels whole; an image decoded
-    past it keeps a copy reduced to ``_COMPACT_SIDE`` px (for heatmaps), after its model inputs
-    were made from the whole image, so what the models see does not change.
+    @classmethod
+    def for_settings(cls, settings: Settings, specs: Sequence[PreprocessSpec]) -> ImageDecoder:
+        input_size = max((spec.input_size for spec in specs), default=None)
+        # JPEG 2000 and JPEG decode at the smallest scale covering twice the largest model
+        # input (their grids go with them to preprocessing), or the heatmap picture's side
+        # when heatmaps are drawn over the same pixels.
+        if settings.heatmaps:
+            min_side = picture_min_side(settings, input_size)
+        else:
+            min_side = input_size if settings.reduced_decode else None
+        return cls(
+            settings.salt(),
+            settings.max_pixels,
+            settings.max_file_bytes,
+            min_side,
+            input_size,
+            tuple(specs),
+        )
 
-    Before any model runs, each image must pass the acceptance policy again, now with the
-    bundle's largest input side (from ``specs``): a matrix under half of it is refused.
-    """
-    salt = settings.salt()
-    budget = _PixelBudget(pixel_budget)
-    input_size = max((spec.input_size for spec in specs), default=None)
-    # JPEG 2000 and JPEG decode at the smallest scale covering twice the largest model input
-    # (their grids go with them to preprocessing), or the heatmap picture's side when heatmaps
-    # are drawn over the same pixels.
-    if settings.heatmaps:
-        min_side = picture_min_side(settings, input_size)
-    else:
-        min_side = input_size if settings.reduced_decode else None
-
-    def decode(item: ClaimedImage) -> tuple[ClaimedImage, object, float, list[Any], float]:
+    def decode(
+        self, item: ClaimedImage, keep: Callable[[DecodedImage], DecodedImage]
+    ) -> tuple[ClaimedImage, object, float, list[Any], float]:
+        """(claim, image or the error, decode seconds, model inputs, preprocess seconds)."""
         t0 = time.perf_counter()
         try:
             # The registered sha256 is checked on the bytes read, before anything parses them;
@@ -546,17 +550,17 @@ def decode_claimed(
             # ("studies.zip!PAT1/IM0001") is read from its archive.
             image = read_image(
                 item.path,
-                salt=salt,
-                max_pixels=settings.max_pixels,
-                max_bytes=settings.max_file_bytes,
+                salt=self.salt,
+                max_pixels=self.max_pixels,
+                max_bytes=self.max_bytes,
                 sha256=item.sha256 or None,
-                min_side=min_side,
+                min_side=self.min_side,
             )
             # Only radiographs of a size the bundle's input can use reach the models.
-            check_acceptance(image.meta, input_size=input_size)
+            check_acceptance(image.meta, input_size=self.input_size)
             decoded_s = time.perf_counter() - t0
-            inputs = prepare_inputs(image.pixels, specs, image.grid)
-            image = budget.keep(image)
+            inputs = prepare_inputs(image.pixels, self.specs, image.grid)
+            image = keep(image)
             return item, image, decoded_s, inputs, time.perf_counter() - t0 - decoded_s
         except (IngestError, OSError) as exc:
             return item, exc, time.perf_counter() - t0, [], 0.0
@@ -568,10 +572,55 @@ def decode_claimed(
             )
             return item, failure, time.perf_counter() - t0, [], 0.0
 
+
+def _compact(image: DecodedImage) -> DecodedImage:
+    return replace(image, pixels=downscale(image.pixels, _COMPACT_SIDE), grid=None)
+
+
+def decode_in_process(
+    decoder: ImageDecoder, share: int, item: ClaimedImage
+) -> tuple[ClaimedImage, object, float, list[Any], float]:
+    """:meth:`ImageDecoder.decode` in a decoding process: an image keeps its pixels whole up
+    to ``share`` bytes (its part of the batch's budget), and is sent back reduced past it."""
+    return decoder.decode(item, lambda im: im if im.pixels.nbytes <= share else _compact(im))
+
+
+def decode_claimed(
+    claimed: Sequence[ClaimedImage],
+    settings: Settings,
+    pool: Executor,
+    *,
+    specs: Sequence[PreprocessSpec] = (),
+    pixel_budget: int = DECODE_PIXEL_BUDGET,
+    processes: Executor | None = None,
+) -> DecodedBatch:
+    """Decode claimed files in ``pool``; bad files become failures, I/O errors transient.
+
+    With ``specs`` (:func:`models.cascade.input_specs` of the bundle), each decoded image is also
+    preprocessed for them in the pool, so that work overlaps the previous batch's inference.
+
+    The batch keeps at most ``pixel_budget`` bytes of decoded pixels whole; an image decoded
+    past it keeps a copy reduced to ``_COMPACT_SIDE`` px (for heatmaps), after its model inputs
+    were made from the whole image, so what the models see does not change.
+
+    With ``processes`` (:func:`decode_processes`), the files are decoded there instead of in
+    the threads of ``pool``, and each image has an equal share of the budget.
+
+    Before any model runs, each image must pass the acceptance policy again, now with the
+    bundle's largest input side (from ``specs``): a matrix under half of it is refused.
+    """
+    decoder = ImageDecoder.for_settings(settings, specs)
+    if processes is not None:
+        share = pixel_budget // max(len(claimed), 1)
+        results = processes.map(partial(decode_in_process, decoder, share), claimed)
+    else:
+        budget = _PixelBudget(pixel_budget)
+        results = pool.map(lambda item: decoder.decode(item, budget.keep), claimed)
+
     batch = DecodedBatch([], [], [], {item.image_id: item.path for item in claimed})
     inputs: list[list[Any]] = []
     preprocess_s = 0.0
-    for item, result, seconds, image_inputs, image_preprocess_s in pool.map(decode, claimed):
+    for item, result, seconds, image_inputs, image_preprocess_s in results:
         if isinstance(result, DecodedImage):
             batch.images.append((item, result, seconds))
             inputs.append(image_inputs)
@@ -585,6 +634,55 @@ def decode_claimed(
     if specs and inputs:
         batch = replace(batch, preprocessed=Preprocessed.from_rows(inputs, specs, preprocess_s))
     return batch
+
+
+def _start_decoding_process(blas_threads: int, malloc_arenas: int) -> None:
+    """A decoding process's limits, as the serving process has them: its BLAS threads (the
+    resize's matrix products) and malloc arenas."""
+    limit_blas_threads(blas_threads)
+    limit_malloc_arenas(malloc_arenas)
+
+
+@contextmanager
+def decode_processes(settings: Settings) -> Iterator[Executor | None]:
+    """The processes that decode claimed files (``BONEWATCH_DECODE_PROCESSES``), or None:
+    decoding then stays in the threads of the serving process.
+
+    Some decoders (Pillow's JPEG 2000) hold Python's lock for a whole image, 40 ms for a 2,000 px
+    CR at a quarter of its resolution; the inference threads then wait on it between forward
+    passes. In processes of their own they do not. The processes start fresh (``spawn``): the
+    serving process has its engines' threads running, which a fork would copy mid-work.
+    """
+    if settings.decode_processes < 1:
+        yield None
+        return
+    with decoding_pool(
+        settings.decode_processes,
+        blas_threads=settings.blas_threads,
+        malloc_arenas=settings.malloc_arenas,
+    ) as pool:
+        yield pool
+
+
+@contextmanager
+def decoding_pool(
+    processes: int, *, blas_threads: int = 1, malloc_arenas: int = 2
+) -> Iterator[Executor]:
+    """``processes`` fresh processes (``spawn``) with a serving process's BLAS and malloc
+    limits; shut down on leaving, pending work cancelled."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    pool = ProcessPoolExecutor(
+        processes,
+        mp_context=get_context("spawn"),
+        initializer=_start_decoding_process,
+        initargs=(blas_threads, malloc_arenas),
+    )
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def infer_and_record(
@@ -687,15 +785,23 @@ class Pipeline:
     pool: Executor
     specs: tuple[PreprocessSpec, ...]
     window: BulkWindow | None = None
+    processes: Executor | None = None  # decoding processes (decode_processes), else the pool
 
     @classmethod
     def open(
-        cls, settings: Settings, engine: Engine, pool: Executor, bundle: Bundle | None = None
+        cls,
+        settings: Settings,
+        engine: Engine,
+        pool: Executor,
+        bundle: Bundle | None = None,
+        *,
+        processes: Executor | None = None,
     ) -> Pipeline:
         """Load the serving bundle (unless given) and settle the model inputs once."""
         bundle = bundle if bundle is not None else serving_bundle(settings)
         window = parse_window(settings.bulk_window)
-        return cls(settings, engine, bundle, pool, tuple(input_specs(bundle)), window)
+        specs = tuple(input_specs(bundle))
+        return cls(settings, engine, bundle, pool, specs, window, processes)
 
     def bulk_open(self) -> bool:
         """Whether the bulk window is open now (always, with none configured)."""
@@ -751,7 +857,9 @@ class Pipeline:
             if image_ids is None:  # the queue is empty: a moment to see which studies are complete
                 mark_stable_studies(self.engine, self.settings.study_stable_seconds)
             return None
-        return decode_claimed(claimed, self.settings, self.pool, specs=self.specs)
+        return decode_claimed(
+            claimed, self.settings, self.pool, specs=self.specs, processes=self.processes
+        )
 
     def infer_and_record(self, batch: DecodedBatch) -> int:
         """The second half: the cascade, then every outcome to the ledger in one go."""
@@ -790,3 +898,16 @@ def _cascade_isolated(
         except Exception as exc:
             outcomes.append(exc)
     return outcomes
+
+
+@contextmanager
+def serving_pipeline(
+    settings: Settings, engine: Engine, pool: Executor, bundle: Bundle | None
+) -> Iterator[Pipeline | None]:
+    """An embedded run's pipeline on ``bundle``, with its decoding processes while it is open;
+    None without a bundle (distributed mode: this process only registers)."""
+    if bundle is None:
+        yield None
+        return
+    with decode_processes(settings) as processes:
+        yield Pipeline.open(settings, engine, pool, bundle, processes=processes)

@@ -43,6 +43,7 @@ from bonewatch.worker.pipeline import (
     recover_leases,
     register_paths,
     serving_bundle,
+    serving_pipeline,
     transient_errors,
     worker_id,
 )
@@ -326,8 +327,10 @@ def process_paths(
     bundle = None if enqueue else serving_bundle(settings)
     if bundle is not None:
         recover_leases(engine, settings)
-    with ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="bonewatch-io") as pool:
-        pipeline = None if bundle is None else Pipeline.open(settings, engine, pool, bundle)
+    with (
+        ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="bonewatch-io") as pool,
+        serving_pipeline(settings, engine, pool, bundle) as pipeline,
+    ):
 
         def chunk_done(queued_ids: list[int]) -> None:
             if enqueue is not None:
@@ -467,6 +470,7 @@ def watch_inbox(
         recover_leases(engine, settings)
     with (
         ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="bonewatch-io") as pool,
+        serving_pipeline(settings, engine, pool, bundle) as pipeline,
         InboxWatcher(
             inbox,
             poll=settings.poll,
@@ -475,7 +479,6 @@ def watch_inbox(
             follow_symlinks=settings.follow_symlinks,
         ) as watcher,
     ):
-        pipeline = None if bundle is None else Pipeline.open(settings, engine, pool, bundle)
         if pipeline is not None:  # results back to PACS, in a thread of their own
             from bonewatch.worker.delivery import start_sender
 

@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     bundle: Path = Field(DEMO_BUNDLE, description="model bundle folder")
     batch_size: int = Field(16, ge=1, le=1024, description="images per inference batch")
     decode_workers: int = Field(2, ge=1, le=64, description="threads decoding ahead of inference")
+    decode_processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="processes decoding claimed files in embedded runs (0: the decode threads); "
+        "for decoders that hold Python's lock for a whole image (JPEG 2000)",
+    )
     lease_seconds: float = Field(300.0, gt=0, description="how long a claimed image stays leased")
     max_attempts: int = Field(3, ge=1, description="transient-failure retries before 'failed'")
     retry_backoff_seconds: float = Field(2.0, ge=0, description="first retry delay; doubles")

@@ -283,6 +283,32 @@ def test_auto_serves_the_fastest_candidate_here_and_keeps_the_measurement(tmp_pa
     forget_bundle(DEMO)
 
 
+def test_auto_serves_the_stage_1_model_it_measured_without_loading_it_again(tmp_path, monkeypatch):
+    from bonewatch.models import bundle as bundle_module
+    from bonewatch.models import choice
+
+    forget_bundle(DEMO)
+    stage1 = read_manifest(DEMO).body_part
+    loads: list[tuple[str, str]] = []
+    real = bundle_module._load_onnx
+
+    def counting(root, entry, threads, engine, precision):
+        if entry == stage1:
+            loads.append((engine, precision))
+        return real(root, entry, threads, engine, precision)
+
+    monkeypatch.setattr(bundle_module, "_load_onnx", counting)
+    threads = InferenceThreads(1, streams=2)
+    bundle = load_bundle(DEMO, precision="auto", threads=threads, choice_cache=tmp_path)
+    candidates = choice.candidates(read_manifest(DEMO), "auto")
+    assert sorted(loads) == sorted(candidates), loads  # once each, by the measurement alone
+    assert (bundle.engine, bundle.precision) == (
+        bundle.trials[0].engine,
+        bundle.trials[0].precision,
+    )
+    forget_bundle(DEMO)
+
+
 def test_auto_never_serves_a_candidate_whose_parity_check_failed(tmp_path, monkeypatch):
     from bonewatch.models import bundle as bundle_module
 

@@ -192,3 +192,73 @@ def test_jpeg2000_decodes_reduced_for_the_models_and_in_full_for_heatmaps(
     # Heatmaps are drawn over the file's own pixels: the batch keeps the full decode.
     heat = _decode([_claim(path)], settings.replace(heatmaps=True), specs=[spec])
     assert heat.images[0][1].pixels.shape == (640, 600) and heat.images[0][1].grid is None
+
+
+# --- E: decoding processes ----------------------------------------------------------------------
+
+
+def test_decoding_processes_give_what_the_threads_give(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real CR (JPEG 2000, decoded reduced), a PNG, a truncated file and bytes changed after
+    registration: each ends the same in a decoding process as in a decode thread."""
+    from pydicom.data import get_testdata_file
+
+    from bonewatch.worker.pipeline import decode_processes
+
+    rg3 = Path(shutil.copy(get_testdata_file("RG3_J2KR.dcm"), tmp_path / "rg3.dcm"))
+    png = _png(tmp_path / "scan.png", 0.6, (300, 280))
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(rg3.read_bytes()[:4000])
+    changed = _png(tmp_path / "changed.png", 0.3)
+    claims = [_claim(rg3, 1), _claim(png, 2), _claim(cut, 3), _claim(changed, 4)]
+    _png(tmp_path / "other.png", 0.9).replace(changed)
+    specs = [PreprocessSpec(224), PreprocessSpec(96)]
+    threads = _decode(claims, settings, specs=specs)
+    with (
+        ThreadPoolExecutor(2) as pool,
+        decode_processes(settings.replace(decode_processes=2)) as processes,
+    ):
+        assert processes is not None
+        spawned = decode_claimed(claims, settings, pool, specs=specs, processes=processes)
+    assert [c.image_id for c, _, _ in spawned.images] == [1, 2]
+    assert spawned.images[0][1].grid is not None  # RG3 was decoded reduced there too
+    for (_, ours, _), (_, theirs, _) in zip(spawned.images, threads.images, strict=True):
+        np.testing.assert_array_equal(ours.pixels, theirs.pixels)
+        assert ours.meta == theirs.meta
+    assert spawned.failures == threads.failures and len(spawned.failures) == 2
+    assert {f.error_class for f in spawned.failures} == {"FileChangedError", "TruncatedFileError"}
+    assert spawned.preprocessed is not None and threads.preprocessed is not None
+    for spec in specs:
+        np.testing.assert_array_equal(
+            spawned.preprocessed.tensors[spec], threads.preprocessed.tensors[spec]
+        )
+
+
+def test_in_a_decoding_process_an_image_past_its_share_of_the_budget_comes_back_small(
+    tmp_path: Path, settings: Settings
+) -> None:
+    from bonewatch.worker.pipeline import decode_processes
+
+    paths = [_png(tmp_path / f"{i}.png", 0.2 * (i + 1), (1500, 1400)) for i in range(2)]
+    claims = [_claim(p, i) for i, p in enumerate(paths)]
+    spec = PreprocessSpec(32)
+    one_image = 1500 * 1400 * 4
+    with (
+        ThreadPoolExecutor(1) as pool,
+        decode_processes(settings.replace(decode_processes=1)) as processes,
+    ):
+        small = decode_claimed(
+            claims, settings, pool, specs=[spec], processes=processes, pixel_budget=one_image
+        )
+        whole = decode_claimed(
+            claims, settings, pool, specs=[spec], processes=processes, pixel_budget=2 * one_image
+        )
+    assert len(small.images) == 2
+    assert all(max(im.pixels.shape) <= 1024 for _, im, _ in small.images), small.images
+    assert [im.pixels.shape for _, im, _ in whole.images] == [(1500, 1400)] * 2
+    assert small.preprocessed is not None and whole.preprocessed is not None
+    # The model inputs were made from the whole image either way.
+    np.testing.assert_array_equal(
+        small.preprocessed.tensors[spec], whole.preprocessed.tensors[spec]
+    )

@@ -324,7 +324,9 @@ def test_kill_9_mid_push_then_restart_and_push_again(settings, tmp_path):
             if proc.poll() is None:
                 proc.kill()
     before = parse_storescu(push.returncode, output)
-    assert 20 <= len(before.acknowledged) < len(files), "the kill did not land mid-push"
+    # The ledger row is written before the acknowledgement is sent, so the instance in flight
+    # at the kill may be in the ledger and not acknowledged: 20 rows mean at least 19 acks.
+    assert 19 <= len(before.acknowledged) < len(files), "the kill did not land mid-push"
     assert {sop_uid(p) for p in before.acknowledged} <= _ledger_sops(db_file)
 
     with running_listener(settings, process=True) as restarted:

@@ -270,3 +270,23 @@ def test_a_read_error_that_persists_ends_failed_after_the_cap(tmp_path, settings
     assert registered.new == 0 and drained.finished == 1
     (row,) = query_results(open_ledger(quick))
     assert row["status"] == "done" and row["attempts"] == 1
+
+
+def test_decoding_processes_record_what_decode_threads_record(tmp_path, settings):
+    """BONEWATCH_DECODE_PROCESSES: the same rows and predictions as the decode threads."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(RG3_J2KR, inbox / "RG3_J2KR.dcm")
+    _png(inbox / "MURA-v1.1/valid/XR_WRIST/patient1/study1_negative/image1.png", 0.4)
+    _truncated(inbox / "cut.dcm")
+    results = {}
+    for processes in (0, 2):
+        run = settings.replace(data_dir=tmp_path / f"data-{processes}", decode_processes=processes)
+        process_paths([inbox], run)
+        results[processes] = _by_name(open_ledger(run))
+    assert results[0].keys() == results[2].keys() and len(results[2]) == 3
+    for name, row in results[2].items():
+        theirs = results[0][name]
+        assert (row["status"], row["error_class"]) == (theirs["status"], theirs["error_class"])
+        assert row["p_fracture"] == pytest.approx(theirs["p_fracture"], abs=1e-6)
+    assert results[2]["cut.dcm"]["status"] == "failed"
