@@ -15,7 +15,7 @@ from bonewatch.bench.config import BenchConfig, BenchError, Report
 from bonewatch.bench.figures import machine_description, rounded
 from bonewatch.bench.inputs import WorkDir, phantom_set
 from bonewatch.db import count_by_status, make_engine
-from bonewatch.models.bundle import read_manifest, resolve_engine
+from bonewatch.db.queries import served_variants
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,6 @@ def run_rss_track(
     samples: list[tuple[int, float]] = []
     try:
         bundle_dir = bench_bundle(work.root, config, report)
-        engine_name = resolve_engine(read_manifest(bundle_dir), config.engine)
         images = work.root / "rss-images"
         report(f"phantoms: {config.images} {config.input_format} files of {config.image_px} px")
         phantom_set(images, config, distinct=64)
@@ -62,17 +61,21 @@ def run_rss_track(
                 return
             samples.append((counts["done"] + counts["failed"] + counts["unsupported"], rss))
 
-        report(f"processing {config.images} images ({engine_name}), sampling RSS")
+        report(
+            f"processing {config.images} images ({config.engine}/{config.precision}), sampling RSS"
+        )
         run = run_child(
             bonewatch_command("process", str(images)),
             child_env(config, bundle_dir, data_dir=str(data_dir)),
             work.root / "rss.log",
             on_tick=sample,
         )
-        if ledger is not None:
-            ledger.dispose()
         if run.returncode != 0:
             raise BenchError(f"bonewatch process exited {run.returncode}:\n{run.tail()}")
+        if ledger is None:
+            ledger = make_engine(f"sqlite:///{(data_dir / 'bonewatch.sqlite').resolve()}")
+        served = served_variants(ledger)
+        ledger.dispose()
     finally:
         work.close()
     # The end is the last sample while images were still being processed: once the last one is
@@ -86,7 +89,9 @@ def run_rss_track(
     step = max(1, len(samples) // 25)
     return {
         "mode": "rss",
-        "engine": engine_name,
+        "engine": config.engine,
+        "precision": config.precision,
+        "served": served,  # engine/precision as the predictions record it: auto's choice
         "backbone": config.backbone,
         "input_size": config.input_size,
         "images": config.images,

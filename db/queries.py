@@ -163,6 +163,17 @@ def count_by_status(engine: Engine, *, run_id: int | None = None) -> dict[str, i
     return counts
 
 
+def served_variants(engine: Engine) -> list[str]:
+    """The engine/precision values (``onnx/int8``) that the ledger's predictions record, sorted."""
+    with engine.connect() as conn:
+        found = {
+            str(timings["engine"])
+            for (timings,) in conn.execute(select(_p.c.timings))
+            if isinstance(timings, dict) and "engine" in timings
+        }
+    return sorted(found)
+
+
 def query_results(
     engine: Engine,
     *,

@@ -226,6 +226,8 @@ def test_rss_track_samples_memory_against_images_done(tmp_path):
     assert report["rss_mb_after_checkpoint"] > 0 and report["rss_mb_end"] > 0
     assert report["samples"][-1][0] <= 1300
     assert isinstance(report["rss_flat"], bool)
+    # What served, as the predictions record it, whatever auto chose.
+    assert len(report["served"]) == 1 and report["served"][0].count("/") == 1
 
 
 @pytest.mark.slow
