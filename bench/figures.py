@@ -27,6 +27,18 @@ def rounded(value: float | None, digits: int = 2) -> float | None:
     return None if value is None else round(float(value), digits)
 
 
+def shared_core_bound(
+    bare_img_s: float | None, decode_one_thread_img_s: float, cores: int
+) -> float | None:
+    """Images/s that ``cores`` reach when each image costs its inference's core time at the bare
+    rate (``cores / bare_img_s``, every core busy) plus one thread's decode: what the embedded
+    worker can reach while decoding and inference share the cores (preprocessing and the
+    ledger left out)."""
+    if not bare_img_s or decode_one_thread_img_s <= 0 or cores < 1:
+        return None
+    return cores / (cores / bare_img_s + 1.0 / decode_one_thread_img_s)
+
+
 def threads_report(threads: InferenceThreads, forward_batch: int) -> dict[str, int]:
     """The framework threads a figure ran with, as the report shows them."""
     return {

@@ -22,7 +22,14 @@ from bonewatch.bench.bare import BARE_MAX_IMAGES, bare_pass
 from bonewatch.bench.bundle import bench_bundle
 from bonewatch.bench.config import BENCH_SALT, BenchConfig, BenchError, Report
 from bonewatch.bench.distributed import distributed_unavailable, measure_scaling, scaling_report
-from bonewatch.bench.figures import machine_description, median, ratio, rounded, threads_report
+from bonewatch.bench.figures import (
+    machine_description,
+    median,
+    ratio,
+    rounded,
+    shared_core_bound,
+    threads_report,
+)
 from bonewatch.bench.inputs import WorkDir, phantom_set
 from bonewatch.bench.ledger import LedgerRun, measure_embedded, measure_registration, peak
 from bonewatch.bench.seed_style import measure_seed_style
@@ -61,6 +68,9 @@ REPORT_KEYS = (
     "precision",
     "decode_img_s",
     "decode_processes_img_s",
+    "decode_one_thread_img_s",
+    "embedded_bound_img_s",
+    "embedded_vs_bound",
     "by_engine_precision",
     "int8_vs_fp32_embedded",
     "peak_rss_mb",
@@ -70,6 +80,8 @@ REPORT_KEYS = (
 
 # Files the decode figures read (as the worker decodes, in threads and in processes, and in full).
 DECODE_MAX_IMAGES = 64
+# Of those, the files decoded on one thread: each image's decoding cost, for the shared-core bound.
+DECODE_ONE_THREAD_IMAGES = 32
 
 
 @dataclass(frozen=True)
@@ -206,6 +218,9 @@ def run_bench(
         decode_processes_img_s = measure_decode(
             decode_files, min_side, config.decode_workers, processes=True
         )
+        decode_one_thread_img_s = measure_decode(
+            decode_files[:DECODE_ONE_THREAD_IMAGES], min_side, 1
+        )
 
         report(f"registration: {config.register_files} small files")
         shutil.rmtree(work.root / "small-files", ignore_errors=True)
@@ -289,6 +304,11 @@ def run_bench(
     int8_runs = [embedded_of[v] for v in variants if v.precision == "int8"]
     best_int8 = max((f for f in int8_runs if f is not None), default=None)
     onnx_fp32 = embedded_of.get(Variant("onnx", "fp32"))
+    machine = machine_description()
+    bound_of = {
+        v: shared_core_bound(bare_of[v], decode_one_thread_img_s, machine["cores"])
+        for v in variants
+    }
     return {
         "engine": engine,
         "precision": chosen.precision,
@@ -309,6 +329,7 @@ def run_bench(
         "decode_img_s": rounded(decode_img_s),
         "decode_full_img_s": rounded(decode_full_img_s),
         "decode_processes_img_s": rounded(decode_processes_img_s),
+        "decode_one_thread_img_s": rounded(decode_one_thread_img_s),
         "decode_min_side": min_side,
         "decoded_px": decoded_px,  # the long side the worker decodes a file at
         "bare_img_s": rounded(bare_img_s),
@@ -332,6 +353,8 @@ def run_bench(
                 "bare_img_s": rounded(bare_of[v]),
                 "embedded_img_s": rounded(embedded_of[v]),
                 "embedded_vs_bare": ratio(embedded_of[v], bare_of[v]),
+                "bound_img_s": rounded(bound_of[v]),
+                "embedded_vs_bound": ratio(embedded_of[v], bound_of[v]),
                 "peak_rss_mb": rounded(peak_of[v]),
             }
             for v in variants
@@ -345,6 +368,9 @@ def run_bench(
         else None,
         "distributed_note": why_not,
         "embedded_vs_bare": ratio(embedded_img_s, bare_img_s),
+        # decoding and inference on the same cores: bare inference plus one thread's decode
+        "embedded_bound_img_s": rounded(bound_of[chosen]),
+        "embedded_vs_bound": ratio(embedded_img_s, bound_of[chosen]),
         "embedded_vs_seed_style": ratio(embedded_img_s, seed_style),
         "distributed_vs_bare": ratio(distributed_img_s, bare_img_s),
         "distributed_scaling": scaling_report(scaling, bare_img_s),
@@ -356,6 +382,6 @@ def run_bench(
         "peak_rss_mb_by_engine": {e: rounded(peak_of[v]) for e, v in fp32.items()},
         "register_files_s": rounded(register_s),
         "register_files": config.register_files,
-        "machine": machine_description(),
+        "machine": machine,
         "load_avg_1m": {"before": round(load_before, 2), "after": round(load_after, 2)},
     }

@@ -78,6 +78,9 @@ def test_bench_reports_every_figure(tmp_path):
         "decode_img_s",
         "decode_full_img_s",
         "decode_processes_img_s",
+        "decode_one_thread_img_s",
+        "embedded_bound_img_s",
+        "embedded_vs_bound",
     ):
         assert isinstance(report[key], float) and report[key] > 0, key
     assert report["distributed_img_s"] is None and report["distributed_runs_img_s"] == []
@@ -123,6 +126,13 @@ def test_bench_reports_every_figure(tmp_path):
     assert report["embedded_vs_bare"] == pytest.approx(
         report["embedded_img_s"] / report["bare_img_s"], rel=0.02
     )
+    # The shared-core bound: each image's bare core time plus one thread's decode, on every core.
+    cores, decode = report["machine"]["cores"], report["decode_one_thread_img_s"]
+    for row in rows.values():
+        bound = cores / (cores / row["bare_img_s"] + 1 / decode)
+        assert row["bound_img_s"] == pytest.approx(bound, rel=0.02) and bound < row["bare_img_s"]
+        assert row["embedded_vs_bound"] == pytest.approx(row["embedded_img_s"] / bound, rel=0.02)
+    assert report["embedded_bound_img_s"] == chosen["bound_img_s"]
     # Every image reached stage 2: one group per batch here (all from the same part's folder
     # or not, the random stage 1 has to pick a part, never `other`).
     assert report["stage2_groups_per_batch"] >= 1
