@@ -45,12 +45,12 @@ def run_rss_track(
         phantom_set(images, config, distinct=64)
         data_dir = work.root / "rss-data"
         shutil.rmtree(data_dir, ignore_errors=True)
+        db_file = data_dir / "bonewatch.sqlite"
         ledger: Engine | None = None
 
         def sample(pid: int) -> None:
             nonlocal ledger
             rss = rss_mb(pid)
-            db_file = data_dir / "bonewatch.sqlite"
             if rss is None or not db_file.is_file():
                 return
             if ledger is None:
@@ -73,7 +73,7 @@ def run_rss_track(
         if run.returncode != 0:
             raise BenchError(f"bonewatch process exited {run.returncode}:\n{run.tail()}")
         if ledger is None:
-            ledger = make_engine(f"sqlite:///{(data_dir / 'bonewatch.sqlite').resolve()}")
+            ledger = make_engine(f"sqlite:///{db_file.resolve()}")
         served = served_variants(ledger)
         ledger.dispose()
     finally:

@@ -248,10 +248,10 @@ def measure(
         if refused is not None:
             trials.append(Trial(engine, precision, None, refused))
             continue
-        rate = stage1_rate(predictor, entry.spec, threads(engine).streams)
-        trials.append(Trial(engine, precision, round(rate, 2)))
-        if fastest is not None and round(rate, 2) > best:
-            best = round(rate, 2)
+        rate = round(stage1_rate(predictor, entry.spec, threads(engine).streams), 2)
+        trials.append(Trial(engine, precision, rate))
+        if fastest is not None and rate > best:
+            best = rate
             fastest.clear()  # the slower one's model is freed
             fastest[(engine, precision)] = predictor
         del predictor

@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bonewatch.bench.child import bonewatch_command, run_child
+from bonewatch.db import count_by_status, make_engine
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -53,16 +54,6 @@ def tree_cpu_s(root: int) -> float:
     return sum(table[pid][1] for pid in tree if pid in table)
 
 
-def images_done(ledger: Path) -> int | None:
-    """Images done in the ledger, or None while it cannot be read yet."""
-    try:
-        with sqlite3.connect(ledger, timeout=0.1) as conn:
-            row = conn.execute("SELECT count(*) FROM images WHERE status = 'done'").fetchone()
-    except sqlite3.Error:
-        return None
-    return int(row[0])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path)
@@ -84,18 +75,28 @@ def main() -> int:
         BONEWATCH_DECODE_PROCESSES=str(args.decode_processes),
         BONEWATCH_DATA_DIR=str(args.data_dir),
     )
-    bonewatch = Path(sys.executable).with_name("bonewatch")
-    command = [str(bonewatch), "process", str(args.folder)]
-    worker = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
-    ledger = args.data_dir / "bonewatch.sqlite"
+    args.data_dir.mkdir(parents=True)
+    ledger_file = args.data_dir / "bonewatch.sqlite"
+    ledger = None
     samples: list[tuple[float, int, float]] = []
-    while worker.poll() is None:
-        time.sleep(0.25)
-        done = images_done(ledger) if ledger.is_file() else None
-        if done is not None:
-            samples.append((time.perf_counter(), done, tree_cpu_s(worker.pid)))
-    if worker.returncode != 0:
-        print(f"error: bonewatch process exited {worker.returncode}", file=sys.stderr)
+
+    def sample(pid: int) -> None:
+        nonlocal ledger
+        if not ledger_file.is_file():
+            return
+        ledger = ledger or make_engine(f"sqlite:///{ledger_file.resolve()}")
+        try:
+            done = count_by_status(ledger)["done"]
+        except Exception:  # the schema is still being created
+            return
+        samples.append((time.perf_counter(), done, tree_cpu_s(pid)))
+
+    command = bonewatch_command("process", str(args.folder))
+    run = run_child(command, env, args.data_dir / "process.log", on_tick=sample)
+    if ledger is not None:
+        ledger.dispose()
+    if run.returncode != 0:
+        print(f"error: bonewatch process exited {run.returncode}:\n{run.tail()}", file=sys.stderr)
         return 1
     start = next((s for s in samples if s[1] >= args.first), None)
     end = next((s for s in samples if s[1] >= args.last), None)

@@ -670,6 +670,7 @@ def decoding_pool(
 ) -> Iterator[Executor]:
     """``processes`` fresh processes (``spawn``) with a serving process's BLAS and malloc
     limits; shut down on leaving, pending work cancelled."""
+    # Imported here: multiprocessing costs every command 8 ms of start-up, and few use it.
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
